@@ -1,0 +1,1 @@
+"""tocsin's process: configuration, wiring, lifecycle and the command line."""

@@ -1,0 +1,161 @@
+"""The process: config in, store opened, listeners bound, signals handled.
+
+`Daemon(config)` is what `tocsin serve` runs and what end-to-end tests start
+in-process (ports 0 bind ephemeral ports; read `http_port` / `smtp_port` after start).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from aiohttp import web
+
+from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration
+from handlers.api import Api
+from handlers.http import Ingress
+from store import Store
+
+from . import config as cfg
+
+log = logging.getLogger("tocsin")
+
+
+def build_integrations(config: cfg.Config) -> list[Integration]:
+    """Compile every integration; raise ConfigError listing each template that fails."""
+    out, problems = [], []
+    for ic in config.integrations:
+        try:
+            out.append(build_integration(ic.id, ic.name, ic.kind, ic.token, ic.templates))
+        except IntegrationError as exc:
+            problems.extend(str(exc).splitlines())
+    if problems:
+        raise cfg.ConfigError(problems)
+    return out
+
+
+def load_config(path) -> cfg.Config:
+    """Parse, validate and compile: what `tocsin check` and SIGHUP both run."""
+    from grouping.kinds import KINDS
+
+    config = cfg.load(path, frozenset(KINDS))
+    build_integrations(config)
+    return config
+
+
+class Daemon:
+    """One tocsin process: HTTP and SMTP listeners over one store."""
+
+    def __init__(self, config: cfg.Config):
+        self.config = config
+        self.store = Store(config.daemon.database)
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
+        self.pipeline: Pipeline | None = None
+        self.http_port: int | None = None
+        self.smtp_port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._smtp = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    def current(self) -> Pipeline:
+        return self.pipeline
+
+    def _make_pipeline(self, config: cfg.Config) -> Pipeline:
+        return Pipeline(build_integrations(config), self.store,
+                        render_budget=config.daemon.render_budget, executor=self.executor)
+
+    def make_app(self) -> web.Application:
+        c = self.config
+        api = Api(
+            self.current,
+            tokens=lambda: self.config.api_tokens,
+            public_url=lambda: self.config.daemon.public_url,
+            email_domain=lambda: self.config.smtp.domain if self.config.smtp else None,
+            max_body_bytes=c.http.max_body_bytes,
+        )
+        app = web.Application(middlewares=[api.auth], client_max_size=c.http.max_body_bytes)
+        app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes).routes())
+        app.add_routes(api.routes())
+        app.add_routes([web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)])
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        try:
+            await asyncio.wait_for(self.store.ping(), 5)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def start(self) -> None:
+        await self.store.open()
+        self.pipeline = self._make_pipeline(self.config)
+        c = self.config
+        self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
+                                     shutdown_timeout=c.daemon.shutdown_timeout)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, c.http.host, c.http.port, reuse_address=True, backlog=1024)
+        await site.start()
+        self.http_port = self._runner.addresses[0][1]
+        if c.smtp is not None:
+            from handlers.smtp import SmtpIngress
+
+            self._smtp = SmtpIngress(c.smtp, self.current)
+            await self._smtp.start()
+            self.smtp_port = self._smtp.port
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        log.info("tocsin ready http=%s:%s smtp=%s integrations=%d", c.http.host, self.http_port,
+                 f"{c.smtp.host}:{self.smtp_port}" if c.smtp else "off", len(c.integrations))
+
+    async def _housekeeping(self) -> None:
+        """Background upkeep: silences that end."""
+        while True:
+            await asyncio.sleep(1)
+            try:
+                await self.store.expire_silences(time.time())
+            except Exception as exc:  # noqa: BLE001 - retried next second
+                log.warning("housekeeping failed: %s", exc)
+
+    def reload(self, path) -> bool:
+        """Swap in a new config atomically; a bad file leaves the running one in place."""
+        try:
+            new = load_config(path)
+            pipeline = self._make_pipeline(new)
+        except cfg.ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            return False
+        self.config, self.pipeline = new, pipeline
+        log.info("config reloaded integrations=%d", len(new.integrations))
+        return True
+
+    async def stop(self) -> None:
+        """Drain: stop accepting, finish in-flight requests and commits, close."""
+        for task in self._tasks:
+            task.cancel()
+        if self._smtp is not None:
+            await self._smtp.stop(self.config.daemon.shutdown_timeout)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.store.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._stopped.set()
+
+    async def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(self.config.path))
+        await self.start()
+        if on_ready is not None:
+            on_ready()
+        await stop.wait()
+        log.info("stopping: draining in-flight requests")
+        await self.stop()
+        log.info("stopped")

@@ -1,0 +1,297 @@
+"""config.toml parsed into plain frozen values, defaults applied once.
+
+Everything the rest of tocsin needs from the file is handed down as these values;
+nothing below `daemon/` imports this module.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TEMPLATE_NAMES = (
+    "grouping_id",
+    "resolve_condition",
+    "acknowledge_condition",
+    "source_link",
+    "title",
+    "message",
+    "image_url",
+)
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` holds one line per defect."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    database: Path
+    public_url: str
+    render_budget: float = 1.0
+    log_level: str = "INFO"
+    log_format: str = "logfmt"
+    shutdown_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str
+    port: int
+    max_body_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    host: str
+    port: int
+    domain: str
+    extra_domains: tuple[str, ...] = ()
+    max_message_bytes: int = 10 * 1024 * 1024
+    max_recipients: int = 50
+    session_timeout: float = 300.0
+    data_timeout: float = 120.0
+    max_sessions: int = 200
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allowed_networks: tuple[str, ...] = ()
+    max_stored_raw_bytes: int = 1024 * 1024
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Every domain whose addresses tocsin accepts, lower-cased."""
+        return tuple(d.lower() for d in (self.domain, *self.extra_domains))
+
+
+@dataclass(frozen=True)
+class IntegrationConfig:
+    id: str
+    name: str
+    kind: str
+    token: str
+    templates: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    http: HttpConfig
+    smtp: SmtpConfig | None
+    api_tokens: tuple[str, ...]
+    integrations: tuple[IntegrationConfig, ...]
+
+    def integration(self, integration_id: str) -> IntegrationConfig | None:
+        return next((i for i in self.integrations if i.id == integration_id), None)
+
+
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Reader:
+    """Walks one TOML table, collecting problems instead of stopping at the first."""
+
+    def __init__(self, problems: list[str], where: str, table: Any):
+        self.problems = problems
+        self.where = where
+        self.table = table if isinstance(table, dict) else {}
+        self.seen: set[str] = set()
+        if not isinstance(table, dict):
+            problems.append(f"{where}: must be a table")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False):
+        self.seen.add(key)
+        if key not in self.table:
+            if required:
+                self.problems.append(f"{self.where}: missing required key '{key}'")
+            return default
+        value = self.table[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+            name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            self.problems.append(f"{self.where}: '{key}' must be {name}, got {type(value).__name__}")
+            return default
+        return value
+
+    def positive(self, key: str, default: int | float, kind: type = int):
+        value = self.get(key, kind, default)
+        if value is not None and value <= 0:
+            self.problems.append(f"{self.where}: '{key}' must be positive")
+            return default
+        return value
+
+    def finish(self) -> None:
+        for key in self.table:
+            if key not in self.seen:
+                self.problems.append(f"{self.where}: unknown key '{key}'")
+
+
+def parse_listen(value: str, where: str, problems: list[str]) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` into a pair, reporting a clear problem when malformed."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value or "")
+    if not match:
+        problems.append(f"{where}: listen address '{value}' is not host:port")
+        return "127.0.0.1", 0
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        problems.append(f"{where}: port {port} out of range")
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            problems.append(f"{where}: '{host}' is not an IPv6 address")
+    return host, port
+
+
+def load(path: str | Path, known_kinds: frozenset[str] | None = None) -> Config:
+    """Read and validate config.toml; raise ConfigError listing every problem."""
+    path = Path(path).resolve()
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return parse(raw, path, known_kinds)
+
+
+def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None) -> Config:
+    problems: list[str] = []
+    base = path.parent
+    top = _Reader(problems, "config", raw)
+
+    d = _Reader(problems, "[daemon]", top.get("daemon", dict, {}))
+    database = d.get("database", str, "var/tocsin.db")
+    db_path = Path(database) if Path(database).is_absolute() else base / database
+    daemon = DaemonConfig(
+        database=db_path,
+        public_url=d.get("public_url", str, "http://127.0.0.1:8080").rstrip("/"),
+        render_budget=d.positive("render_budget", 1.0, float),
+        log_level=d.get("log_level", str, "INFO").upper(),
+        log_format=d.get("log_format", str, "logfmt"),
+        shutdown_timeout=d.positive("shutdown_timeout", 30.0, float),
+    )
+    if daemon.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        problems.append("[daemon]: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
+    if daemon.log_format not in ("logfmt", "json"):
+        problems.append("[daemon]: 'log_format' must be 'logfmt' or 'json'")
+    d.finish()
+
+    h = _Reader(problems, "[http]", top.get("http", dict, {}))
+    host, port = parse_listen(h.get("listen", str, "127.0.0.1:8080"), "[http]", problems)
+    http = HttpConfig(host=host, port=port, max_body_bytes=h.positive("max_body_bytes", 1024 * 1024))
+    h.finish()
+
+    smtp = None
+    if "smtp" in raw:
+        s = _Reader(problems, "[smtp]", top.get("smtp", dict, {}))
+        shost, sport = parse_listen(s.get("listen", str, "127.0.0.1:2525"), "[smtp]", problems)
+        networks = tuple(s.get("allowed_networks", list, []))
+        for net in networks:
+            try:
+                ipaddress.ip_network(str(net), strict=False)
+            except ValueError:
+                problems.append(f"[smtp]: allowed_networks entry '{net}' is not a CIDR network")
+        cert, key = s.get("tls_cert", str), s.get("tls_key", str)
+        if bool(cert) != bool(key):
+            problems.append("[smtp]: 'tls_cert' and 'tls_key' go together")
+        smtp = SmtpConfig(
+            host=shost,
+            port=sport,
+            domain=s.get("domain", str, "alerts.example.com").strip().lower(),
+            extra_domains=tuple(str(x).strip().lower() for x in s.get("extra_domains", list, [])),
+            max_message_bytes=s.positive("max_message_bytes", 10 * 1024 * 1024),
+            max_recipients=s.positive("max_recipients", 50),
+            session_timeout=s.positive("session_timeout", 300.0, float),
+            data_timeout=s.positive("data_timeout", 120.0, float),
+            max_sessions=s.positive("max_sessions", 200),
+            tls_cert=(base / cert) if cert else None,
+            tls_key=(base / key) if key else None,
+            allowed_networks=tuple(str(n) for n in networks),
+            max_stored_raw_bytes=s.get("max_stored_raw_bytes", int, 1024 * 1024),
+        )
+        s.finish()
+
+    a = _Reader(problems, "[api]", top.get("api", dict, {}))
+    tokens = a.get("tokens", list, [])
+    if any(not isinstance(t, str) or not t for t in tokens):
+        problems.append("[api]: 'tokens' must be a list of non-empty strings")
+        tokens = [t for t in tokens if isinstance(t, str) and t]
+    a.finish()
+
+    integrations = []
+    seen_ids: set[str] = set()
+    seen_tokens: dict[str, str] = {}
+    for n, table in enumerate(top.get("integrations", list, [])):
+        where = f"[[integrations]] #{n + 1}"
+        r = _Reader(problems, where, table)
+        iid = r.get("id", str, "", required=True)
+        if iid:
+            where = f"integration '{iid}'"
+            r.where = where
+            if not _SLUG.match(iid):
+                problems.append(f"{where}: id must be a slug (letters, digits, '_', '-', '.')")
+            if iid in seen_ids:
+                problems.append(f"{where}: duplicate id")
+            seen_ids.add(iid)
+        kind = r.get("kind", str, "", required=True)
+        if kind and known_kinds is not None and kind not in known_kinds:
+            problems.append(f"{where}: unknown kind '{kind}' (known: {', '.join(sorted(known_kinds))})")
+        token = r.get("token", str)
+        token_file = r.get("token_file", str)
+        if token and token_file:
+            problems.append(f"{where}: give 'token' or 'token_file', not both")
+        if token_file:
+            tf = Path(token_file) if Path(token_file).is_absolute() else base / token_file
+            try:
+                token = tf.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                problems.append(f"{where}: cannot read token_file: {exc}")
+        if not token:
+            if not token_file:
+                problems.append(f"{where}: missing 'token' (or 'token_file')")
+        elif not re.fullmatch(r"[A-Za-z0-9_.~-]{8,128}", token):
+            problems.append(f"{where}: token must be 8-128 URL-safe characters")
+        elif token in seen_tokens:
+            problems.append(f"{where}: duplicate token (also used by '{seen_tokens[token]}')")
+        else:
+            seen_tokens[token] = iid
+        templates = r.get("templates", dict, {})
+        for name, value in templates.items():
+            if name not in TEMPLATE_NAMES:
+                problems.append(f"{where}: unknown template '{name}' (known: {', '.join(TEMPLATE_NAMES)})")
+            elif not isinstance(value, str):
+                problems.append(f"{where}: template '{name}' must be a string")
+        integrations.append(
+            IntegrationConfig(
+                id=iid,
+                name=r.get("name", str, iid),
+                kind=kind,
+                token=token or "",
+                templates={k: v for k, v in templates.items() if k in TEMPLATE_NAMES and isinstance(v, str)},
+            )
+        )
+        r.finish()
+    top.finish()
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        path=path,
+        daemon=daemon,
+        http=http,
+        smtp=smtp,
+        api_tokens=tuple(tokens),
+        integrations=tuple(integrations),
+    )

@@ -1,0 +1,1 @@
+"""Templates, grouping decisions and kinds: payload in, decision out."""

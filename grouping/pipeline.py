@@ -1,0 +1,299 @@
+"""The one path every alert takes: templates decide, the store commits.
+
+`decide` is pure (payload and templates in, a Decision out) and serves live traffic,
+`tocsin render` and the preview API alike. `Pipeline` wraps it with the time budget
+and hands decided alerts to the store.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+from store import NewAlert, Store, StoreUnavailable
+
+from .kinds import KINDS, Kind, count_alerts, split_alerts
+from .templates import (
+    Budget,
+    NeedsMoreTime,
+    Outcome,
+    TemplateCompileError,
+    compile_template,
+    is_truthy,
+    render,
+)
+
+BEHAVIOUR = ("grouping_id", "resolve_condition", "acknowledge_condition")
+APPEARANCE = ("source_link", "title", "message", "image_url")
+TEMPLATE_NAMES = BEHAVIOUR + APPEARANCE
+
+# A render first runs on the event loop with this much time; past it, it restarts in a
+# worker thread with the full budget, so a slow template never stalls other traffic.
+INLINE_SECONDS = 0.01
+
+
+class Unavailable(Exception):
+    """Storage cannot take the alert now; the sender should retry."""
+
+    def __init__(self, reason: str, retry_after: int = 5):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class RateLimited(Exception):
+    """The integration is over its rate limit."""
+
+    def __init__(self, limit: str, retry_after: int):
+        super().__init__(f"rate limit {limit} exceeded")
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class IntegrationError(ValueError):
+    """An integration's templates do not compile; names the integration and template."""
+
+
+@dataclass(frozen=True)
+class Integration:
+    """A configured integration with its templates compiled (overrides over kind defaults)."""
+
+    id: str
+    name: str
+    kind: Kind
+    token: str
+    templates: Mapping[str, Any]       # name -> compiled template, or None
+    sources: Mapping[str, str | None]  # name -> effective template text
+    overrides: Mapping[str, str] = field(default_factory=dict)
+
+
+def build_integration(id: str, name: str, kind: str, token: str, templates: Mapping[str, str]) -> Integration:
+    """Compile an integration's templates; raise IntegrationError naming each bad one."""
+    if kind not in KINDS:
+        raise IntegrationError(f"integration '{id}': unknown kind '{kind}'")
+    k = KINDS[kind]
+    compiled, sources, problems = {}, {}, []
+    for tname in TEMPLATE_NAMES:
+        source = templates.get(tname) or k.templates.get(tname)
+        sources[tname] = source
+        if not source:
+            compiled[tname] = None
+            continue
+        try:
+            compiled[tname] = compile_template(source)
+        except TemplateCompileError as exc:
+            problems.append(f"integration '{id}': template '{tname}': {exc}")
+    if problems:
+        raise IntegrationError("\n".join(problems))
+    return Integration(id, name, k, token, compiled, sources, dict(templates))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the templates decided for one payload."""
+
+    grouping_id: str | None
+    grouping_key: str
+    resolve: bool
+    acknowledge: bool
+    title: str | None
+    source_link: str | None = None
+    message: str | None = None
+    image_url: str | None = None
+    route: str | None = None
+    errors: Mapping[str, str] = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        out = asdict(self)
+        out["errors"] = dict(self.errors)
+        return out
+
+
+def grouping_key_of(grouping_id: str | None) -> str:
+    """md5 hex of the grouping id; an empty or failed one gets a fresh uuid, so it stands alone."""
+    return hashlib.md5((grouping_id or str(uuid.uuid4())).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _appearance(outcome: Outcome) -> str | None:
+    # Grafana OnCall shows the error text in place of the value, and "None" means nothing.
+    text = outcome.text if outcome.error is None else outcome.error
+    return None if text is None or text == "None" or text == "" else text
+
+
+def decide(
+    integration: Integration,
+    payload: Any,
+    budget: Budget,
+    *,
+    full: bool = False,
+    alert_group_id: str | None = None,
+    grouped: bool = True,
+) -> Decision:
+    """Run the integration's templates over one payload.
+
+    With full=False only what ingestion needs is rendered (behaviour and the group
+    title); full=True adds source link, message and image as a user sees them.
+    """
+    t = integration.templates
+    errors: dict[str, str] = {}
+
+    def run(name: str, variables: dict, title: bool = False) -> Outcome | None:
+        template = t.get(name)
+        if template is None:
+            return None
+        outcome = render(template, variables, budget, title=title)
+        if outcome.error is not None:
+            errors[name] = outcome.error
+        return outcome
+
+    base = {"payload": payload}
+    gid = run("grouping_id", base)
+    grouping_id = gid.text if gid is not None and gid.error is None else None
+    resolve = run("resolve_condition", base)
+    ack = run("acknowledge_condition", base)
+    key = grouping_key_of(grouping_id if grouped else None)
+
+    if not full:
+        # The title cached on a new group sees the payload only (Grafana OnCall's web_title_cache).
+        title = run("title", base, title=True)
+        return Decision(
+            grouping_id=grouping_id, grouping_key=key,
+            resolve=bool(resolve and is_truthy(resolve)), acknowledge=bool(ack and is_truthy(ack)),
+            title=_appearance(title) if title else None, errors=errors,
+        )
+
+    link = run("source_link", base)
+    source_link = _appearance(link) if link else None
+    variables = {
+        "payload": payload,
+        "integration_name": integration.name,
+        "source_link": source_link,
+        "alert_group_id": alert_group_id,
+        "grafana_oncall_alert_group_id": alert_group_id,
+        "grafana_oncall_incident_id": alert_group_id,
+    }
+    title = run("title", variables, title=True)
+    message = run("message", variables)
+    image = run("image_url", variables)
+    return Decision(
+        grouping_id=grouping_id,
+        grouping_key=key,
+        resolve=bool(resolve and is_truthy(resolve)),
+        acknowledge=bool(ack and is_truthy(ack)),
+        title=_appearance(title) if title else None,
+        source_link=source_link,
+        message=_appearance(message) if message else None,
+        image_url=_appearance(image) if image else None,
+        errors=errors,
+    )
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An alert that is on disk."""
+
+    alert_id: str
+    alert_group_id: str
+    grouping_key: str
+    group_created: bool = False
+    group_state: str = "new"
+
+
+def payloads_of(kind: Kind, payload: Any) -> list[Any]:
+    """The alert payloads one webhook body makes: split (legacy grafana) and counted (AM v2)."""
+    if kind.counts_alerts and isinstance(payload, dict):
+        return [count_alerts(payload)]
+    return list(split_alerts(kind, payload))
+
+
+class Pipeline:
+    """Integrations of one config generation, wired to the store.
+
+    Swapped whole on reload; the store and the render threads outlive it.
+    """
+
+    def __init__(
+        self,
+        integrations: Iterable[Integration],
+        store: Store,
+        *,
+        render_budget: float = 1.0,
+        executor: ThreadPoolExecutor | None = None,
+    ):
+        self.integrations = {i.id: i for i in integrations}
+        self._by_token = {i.token: i for i in self.integrations.values()}
+        self.store = store
+        self.render_budget = render_budget
+        self._executor = executor
+
+    def by_token(self, token: str) -> Integration | None:
+        return self._by_token.get(token)
+
+    def by_id(self, integration_id: str) -> Integration | None:
+        return self.integrations.get(integration_id)
+
+    async def decide(self, integration: Integration, payload: Any, *, full: bool = False, **kw) -> Decision:
+        """decide() within the render budget, off the event loop when it is slow."""
+        start = time.monotonic()
+        inline = min(INLINE_SECONDS, self.render_budget)
+        try:
+            return decide(integration, payload, Budget(start + inline, True, self.render_budget), full=full, **kw)
+        except NeedsMoreTime:
+            pass
+        budget = Budget(time.monotonic() + self.render_budget, False, self.render_budget)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, lambda: decide(integration, payload, budget, full=full, **kw)
+        )
+
+    async def ingest(
+        self, integration: Integration, payload: Any, *, source: str = "http",
+        payload_json: str | None = None, raw: bytes | None = None, grouped: bool = True,
+    ) -> list[Accepted]:
+        """Decide and durably store the alert(s) one request carries."""
+        bodies = payloads_of(integration.kind, payload)
+        if len(bodies) != 1 or bodies[0] is not payload:
+            payload_json = None  # what is stored is what templates saw
+        new = []
+        for body in bodies:
+            d = await self.decide(integration, body, grouped=grouped)
+            new.append(self._new_alert(integration, body, d, source, payload_json, raw))
+        return await self._store(new)
+
+    async def ingest_many(
+        self, items: list[tuple[Integration, Any]], *, source: str, raw: bytes | None = None
+    ) -> list[Accepted]:
+        """One payload into several integrations, committed atomically (one email, many recipients)."""
+        new = []
+        for integration, payload in items:
+            for body in payloads_of(integration.kind, payload):
+                d = await self.decide(integration, body)
+                new.append(self._new_alert(integration, body, d, source, None, raw))
+        return await self._store(new)
+
+    @staticmethod
+    def _new_alert(integration, body, d: Decision, source, payload_json, raw) -> NewAlert:
+        return NewAlert(
+            integration_id=integration.id,
+            grouping_key=d.grouping_key,
+            payload_json=payload_json if payload_json is not None else json.dumps(body),
+            resolve=d.resolve,
+            acknowledge=d.acknowledge,
+            title=d.title,
+            route_id=d.route,
+            source=source,
+            raw=raw,
+        )
+
+    async def _store(self, new: list[NewAlert]) -> list[Accepted]:
+        if not new:
+            return []
+        try:
+            stored = await self.store.add_alerts(new)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        return [Accepted(s.alert_id, s.alert_group_id, s.grouping_key, s.group_created, s.group_state) for s in stored]

@@ -1,0 +1,194 @@
+"""HTTP ingestion: `POST /integrations/v1/<kind>/<token>/` turns a request into payloads.
+
+It knows HTTP and nothing of grouping: it finds the integration, parses the body,
+hands the payload to the pipeline and maps the outcome to a status (CONTRACT §4).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+
+from grouping.pipeline import Pipeline, RateLimited, Unavailable
+
+log = logging.getLogger("tocsin.http")
+
+MAX_JSON_DEPTH = 128
+
+
+def error(status: int, text: str, headers: dict | None = None) -> web.Response:
+    """Every refusal is JSON `{"error": …}`."""
+    return web.json_response({"error": text}, status=status, headers=headers)
+
+
+class BadBody(Exception):
+    """The request body cannot become a payload; carries the HTTP status."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status = status
+
+
+def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when containers nest at most `limit` deep (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return True
+
+
+def parse_json_body(body: bytes) -> tuple[Any, str]:
+    """(payload, the text as received); BadBody(400) for anything that is not JSON."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadBody(400, f"body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        payload = json.loads(text.lstrip("\ufeff"))
+    except RecursionError:
+        raise BadBody(400, "JSON parse error - nested too deeply") from None
+    except ValueError as exc:
+        raise BadBody(400, f"JSON parse error - {exc}") from None
+    if not isinstance(payload, (dict, list)):
+        raise BadBody(400, "JSON body must be an object or an array")
+    if (body.count(b"[") + body.count(b"{")) > MAX_JSON_DEPTH and not json_depth_ok(payload):
+        raise BadBody(400, f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels")
+    return payload, text
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, or BadBody(413) as soon as it passes `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    while True:
+        chunk = await request.content.read(65536)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BadBody(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_payload(request: web.Request, limit: int) -> tuple[Any, str | None]:
+    """The payload a request carries, and its JSON text when it came as JSON."""
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        if request.content_length is not None and request.content_length > limit:
+            raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
+        try:
+            form = await request.post()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadBody(413, f"body is over the limit of {limit} bytes") from None
+        except (ValueError, AssertionError) as exc:
+            raise BadBody(400, f"malformed multipart body: {exc}") from None
+        payload = {}
+        for key, value in form.items():
+            if isinstance(value, web.FileField):
+                raise BadBody(400, "File uploads are not allowed")
+            payload[key] = value
+        return payload, None
+    body = await read_body(request, limit)
+    if not body.strip():
+        return {}, None  # Grafana OnCall accepts an empty body as {}
+    if ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json")):
+        return parse_json_body(body)
+    if ctype == "application/x-www-form-urlencoded":
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        except UnicodeDecodeError:
+            raise BadBody(400, "form body is not valid UTF-8") from None
+        return dict(pairs), None  # last value per key, as Grafana OnCall keeps it
+    raise BadBody(415, f'Unsupported media type "{ctype}" in request')
+
+
+class Ingress:
+    """The integration endpoints, over whichever pipeline is current."""
+
+    def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int, hooks=None):
+        self.get_pipeline = get_pipeline
+        self.max_body_bytes = max_body_bytes
+        self.hooks = hooks  # optional: .accepted(integration, n, source), .rejected(integration_id, source, reason)
+
+    def routes(self) -> list[web.RouteDef]:
+        base = "/integrations/v1/{kind}/{token}"
+        return [
+            web.post(base, self.receive),
+            web.post(base + "/", self.receive),
+            web.route("*", base + "/heartbeat", self.heartbeat),
+            web.route("*", base + "/heartbeat/", self.heartbeat),
+        ]
+
+    def _rejected(self, integration_id: str, reason: str) -> None:
+        if self.hooks is not None:
+            self.hooks.rejected(integration_id, "http", reason)
+
+    async def receive(self, request: web.Request) -> web.Response:
+        pipeline = self.get_pipeline()
+        integration = pipeline.by_token(request.match_info["token"])
+        if integration is None:
+            self._rejected("", "unknown_token")
+            return error(403, "Integration key was not found. Permission denied.")
+        kind = request.match_info["kind"]
+        if kind != integration.kind.slug:
+            self._rejected(integration.id, "wrong_kind")
+            return error(
+                400,
+                f"This url is for integration with {kind}. Key is for {integration.kind.slug}"
+                f" (integration '{integration.id}')",
+            )
+        try:
+            payload, text = await parse_payload(request, self.max_body_bytes)
+        except BadBody as exc:
+            self._rejected(integration.id, {400: "bad_body", 413: "too_large", 415: "content_type"}[exc.status])
+            return error(exc.status, str(exc))
+        try:
+            accepted = await pipeline.ingest(integration, payload, payload_json=text, source="http")
+        except RateLimited as exc:
+            self._rejected(integration.id, "rate_limited")
+            return error(429, f"{exc} for integration '{integration.id}'",
+                         headers={"Retry-After": str(exc.retry_after)})
+        except Unavailable as exc:
+            self._rejected(integration.id, "unavailable")
+            return error(503, f"storage unavailable, retry later: {exc}",
+                         headers={"Retry-After": str(exc.retry_after)})
+        if self.hooks is not None:
+            self.hooks.accepted(integration, len(accepted), "http")
+        if not accepted:
+            return web.json_response({"alerts": []})
+        first = accepted[0]
+        body = {"alert_id": first.alert_id, "alert_group_id": first.alert_group_id,
+                "grouping_key": first.grouping_key}
+        if len(accepted) > 1:
+            body["alerts"] = [
+                {"alert_id": a.alert_id, "alert_group_id": a.alert_group_id, "grouping_key": a.grouping_key}
+                for a in accepted
+            ]
+        return web.json_response(body)
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        if request.method not in ("GET", "POST", "HEAD"):
+            return error(405, f"method {request.method} not allowed")
+        pipeline = self.get_pipeline()
+        integration = pipeline.by_token(request.match_info["token"])
+        if integration is None:
+            return error(403, "Integration key was not found. Permission denied.")
+        if request.match_info["kind"] != integration.kind.slug:
+            return error(400, f"This url is for integration with {request.match_info['kind']}."
+                              f" Key is for {integration.kind.slug}")
+        try:
+            await pipeline.store.heartbeat(integration.id)
+        except Exception as exc:  # noqa: BLE001 - any storage trouble means "retry"
+            return error(503, f"storage unavailable, retry later: {exc}", headers={"Retry-After": "5"})
+        return web.json_response(":)")

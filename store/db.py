@@ -1,0 +1,556 @@
+"""SQLite storage: one writer that group-commits whatever is queued, and readers.
+
+Every write (new alerts, group actions) is a job on one bounded queue. The writer
+takes all queued jobs, decides their effect in memory over the groups they touch,
+writes them in one transaction and fsyncs once (WAL, synchronous=FULL); each job's
+future resolves only after that commit, so a caller's "accepted" means "on disk".
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import aiosqlite
+
+from .schema import MIGRATIONS
+
+log = logging.getLogger("tocsin.store")
+
+_ID_ALPHABET = "ABCDEFGHIJKLMNPQRSTUVWXYZ123456789"  # Grafana OnCall's: no O, no 0
+_BATCH_MAX = 512
+_PARAMS_MAX = 400
+
+
+def public_id(prefix: str) -> str:
+    """An opaque id like Grafana OnCall's: a prefix letter and 12 random characters."""
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+
+
+class StoreUnavailable(Exception):
+    """The database cannot take the write now; the sender should retry."""
+
+
+class InvalidTransition(Exception):
+    """A group action that the group's state does not allow."""
+
+
+class NotFound(Exception):
+    """No such alert group."""
+
+
+@dataclass
+class Group:
+    """One alert_groups row, as the writer and the readers see it."""
+
+    seq: int | None
+    id: str
+    integration_id: str
+    grouping_key: str
+    state: str
+    open: int | None
+    route_id: str | None
+    title: str | None
+    alerts_count: int
+    created_at: float
+    acknowledged_at: float | None = None
+    acknowledged_by: str | None = None
+    resolved_at: float | None = None
+    resolved_by: str | None = None
+    silenced_at: float | None = None
+    silenced_until: float | None = None
+    last_alert_id: str | None = None
+    last_alert_at: float | None = None
+
+
+GROUP_COLUMNS = tuple(f.name for f in fields(Group))
+_GROUP_SELECT = "SELECT " + ", ".join(GROUP_COLUMNS) + " FROM alert_groups"
+_GROUP_INSERT = (
+    "INSERT INTO alert_groups (" + ", ".join(GROUP_COLUMNS[1:]) + ") VALUES ("
+    + ", ".join("?" for _ in GROUP_COLUMNS[1:]) + ")"
+)
+_GROUP_UPDATE = (
+    "UPDATE alert_groups SET " + ", ".join(f"{c} = ?" for c in GROUP_COLUMNS[4:]) + " WHERE id = ?"
+)
+
+
+@dataclass(frozen=True)
+class NewAlert:
+    """An alert the pipeline has decided on, ready to be stored."""
+
+    integration_id: str
+    grouping_key: str
+    payload_json: str
+    resolve: bool = False
+    acknowledge: bool = False
+    title: str | None = None
+    route_id: str | None = None
+    source: str = "http"
+    raw: bytes | None = None
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class StoredAlert:
+    """Where a stored alert landed."""
+
+    alert_id: str
+    alert_group_id: str
+    grouping_key: str
+    group_created: bool
+    group_state: str
+
+
+@dataclass
+class _Job:
+    kind: str  # "alerts", "action", "ping", "call"
+    args: Any
+    future: asyncio.Future
+
+
+class _Batch:
+    """The groups one transaction touches, with the rows it will write."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Group] = {}
+        self.open: dict[tuple[str, str], Group] = {}
+        self.resolved: dict[tuple[str, str], Group] = {}
+        self.new_groups: list[Group] = []
+        self.changed: dict[str, Group] = {}
+        self.alert_rows: list[tuple] = []
+        self.expiring: list[Group] = []
+        self.heartbeats: dict[str, float] = {}
+
+    def remember(self, g: Group) -> Group:
+        known = self.by_id.get(g.id)
+        if known is not None:
+            return known
+        self.by_id[g.id] = g
+        if g.open == 1:
+            self.open[(g.integration_id, g.grouping_key)] = g
+        return g
+
+    def touch(self, g: Group) -> None:
+        if g.seq is not None:
+            self.changed[g.id] = g
+
+
+def _group(row) -> Group:
+    return Group(*row)
+
+
+# -- the rules of state (CONTRACT §7, Grafana OnCall's public API texts) --------------
+
+_ARTICLE = {"new": "a new", "acknowledged": "an acknowledged", "resolved": "a resolved", "silenced": "a silenced"}
+
+ALLOWED_FROM = {
+    "acknowledge": ("new", "silenced"),
+    "unacknowledge": ("acknowledged",),
+    "resolve": ("new", "acknowledged", "silenced"),
+    "unresolve": ("resolved",),
+    "silence": ("new",),
+    "unsilence": ("silenced",),
+}
+
+
+def apply_action(g: Group, action: str, now: float, *, by: str = "user", delay: int | None = None) -> None:
+    """Change `g` as `action` does, or raise InvalidTransition with a clear text."""
+    if action not in ALLOWED_FROM:
+        raise InvalidTransition(f"Unknown action '{action}'")
+    if g.state not in ALLOWED_FROM[action]:
+        raise InvalidTransition(f"Can't {action} {_ARTICLE.get(g.state, g.state)} alert group")
+    if action == "acknowledge":
+        _unsilence(g)
+        g.state, g.acknowledged_at, g.acknowledged_by = "acknowledged", now, by
+    elif action == "unacknowledge":
+        g.state, g.acknowledged_at, g.acknowledged_by = "new", None, None
+    elif action == "resolve":
+        _unsilence(g)
+        g.state, g.resolved_at, g.resolved_by, g.open = "resolved", now, by, None
+    elif action == "unresolve":
+        # Back to firing, but never open for grouping again (Grafana OnCall's rule).
+        g.state, g.resolved_at, g.resolved_by = "new", None, None
+        g.acknowledged_at = g.acknowledged_by = None
+    elif action == "silence":
+        g.state, g.silenced_at = "silenced", now
+        g.silenced_until = None if delay is None or delay <= 0 else now + delay
+    elif action == "unsilence":
+        _unsilence(g)
+        g.state = "new"
+
+
+def _unsilence(g: Group) -> None:
+    g.silenced_at = g.silenced_until = None
+    if g.state == "silenced":
+        g.state = "new"
+
+
+class Store:
+    """The tocsin database: open it, submit writes, query it."""
+
+    def __init__(self, path: Path, *, queue_size: int = 20000):
+        self.path = Path(path)
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000", "foreign_keys=OFF"):
+            await self._writer.execute(f"PRAGMA {pragma}")
+        await self._migrate()
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader.execute("PRAGMA busy_timeout=5000")
+        self._reader.row_factory = None
+        self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def _migrate(self) -> None:
+        db = self._writer
+        (version,) = await (await db.execute("PRAGMA user_version")).fetchone()
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(str.strip, script.split(";")):
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {number}")
+                await db.execute("COMMIT")
+            except Exception:
+                await db.execute("ROLLBACK")
+                raise
+            log.info("schema migrated to version %d", number)
+
+    async def close(self) -> None:
+        """Finish every queued write, then close."""
+        self._closing = True
+        if self._task is not None:
+            await self._queue.put(_Job("stop", None, asyncio.get_running_loop().create_future()))
+            await self._task
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+
+    # -- writes ----------------------------------------------------------------------
+
+    def _submit(self, kind: str, args: Any) -> asyncio.Future:
+        if self._closing or self._task is None or self._task.done():
+            raise StoreUnavailable("the database is not accepting writes")
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Job(kind, args, future))
+        except asyncio.QueueFull:
+            raise StoreUnavailable("the write queue is full") from None
+        return future
+
+    async def add_alerts(self, alerts: list[NewAlert]) -> list[StoredAlert]:
+        """Store alerts atomically and durably; return where each landed."""
+        return await self._submit("alerts", alerts)
+
+    async def act(self, group_id: str, action: str, *, delay: int | None = None, by: str = "user") -> Group:
+        """Apply a group action (acknowledge, resolve, …) durably."""
+        return await self._submit("action", (group_id, action, delay, by))
+
+    async def ping(self) -> None:
+        """Complete one write transaction: the database is writable."""
+        await self._submit("ping", None)
+
+    async def heartbeat(self, integration_id: str) -> float:
+        """Record a heartbeat ping durably; return its time."""
+        return await self._submit("heartbeat", integration_id)
+
+    async def expire_silences(self, now: float | None = None) -> list[str]:
+        """Unsilence every group whose silence has ended; return their ids."""
+        return await self._submit("expire", now or time.time())
+
+    async def _run(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            while len(jobs) < _BATCH_MAX and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            stop = any(j.kind == "stop" for j in jobs)
+            work = [j for j in jobs if j.kind != "stop"]
+            if work:
+                await self._commit(work)
+            for j in jobs:
+                if j.kind == "stop" and not j.future.done():
+                    j.future.set_result(None)
+            if stop:
+                # Whatever was queued behind the stop still gets its answer.
+                while not self._queue.empty():
+                    rest = [self._queue.get_nowait()]
+                    await self._commit([j for j in rest if j.kind != "stop"])
+                return
+
+    async def _commit(self, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        db = self._writer
+        started = time.perf_counter()
+        results: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            batch = _Batch()
+            await self._load(batch, jobs)
+            now = time.time()
+            for job in jobs:
+                try:
+                    results.append((job, self._decide(batch, job, now), None))
+                except (InvalidTransition, NotFound) as exc:
+                    results.append((job, None, exc))
+            await self._write(batch)
+            await db.execute("COMMIT")
+        except Exception as exc:
+            log.error("commit failed, %d writes refused: %s", len(jobs), exc)
+            try:
+                await db.execute("ROLLBACK")
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                pass
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(StoreUnavailable(f"database error: {exc}"))
+            return
+        if self.on_commit is not None:
+            self.on_commit(len(jobs), time.perf_counter() - started)
+        for job, value, error in results:
+            if job.future.done():
+                continue
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(value)
+
+    async def _load(self, batch: _Batch, jobs: list[_Job]) -> None:
+        """Read every group the batch's jobs may touch, in a few queries."""
+        keys: set[str] = set()
+        resolve_keys: set[str] = set()
+        ids: set[str] = set()
+        for job in jobs:
+            if job.kind == "alerts":
+                for a in job.args:
+                    keys.add(a.grouping_key)
+                    if a.resolve:
+                        resolve_keys.add(a.grouping_key)
+            elif job.kind == "action":
+                ids.add(job.args[0])
+            elif job.kind == "expire" and not batch.expiring:
+                rows = await self._writer.execute_fetchall(
+                    f"{_GROUP_SELECT} WHERE state = 'silenced' AND silenced_until <= ?", (job.args,)
+                )
+                batch.expiring = [batch.remember(_group(r)) for r in rows]
+        for chunk in _chunks(sorted(keys)):
+            marks = ",".join("?" * len(chunk))
+            for row in await self._writer.execute_fetchall(
+                f"{_GROUP_SELECT} WHERE open = 1 AND grouping_key IN ({marks})", chunk
+            ):
+                batch.remember(_group(row))
+        for chunk in _chunks(sorted(resolve_keys)):
+            marks = ",".join("?" * len(chunk))
+            rows = await self._writer.execute_fetchall(
+                f"{_GROUP_SELECT} WHERE seq IN (SELECT max(seq) FROM alert_groups"
+                f" WHERE grouping_key IN ({marks}) AND state = 'resolved' GROUP BY grouping_key, integration_id)",
+                chunk,
+            )
+            for row in rows:
+                g = batch.remember(_group(row))
+                batch.resolved[(g.integration_id, g.grouping_key)] = g
+        for chunk in _chunks(sorted(ids)):
+            marks = ",".join("?" * len(chunk))
+            for row in await self._writer.execute_fetchall(f"{_GROUP_SELECT} WHERE id IN ({marks})", chunk):
+                batch.remember(_group(row))
+
+    def _decide(self, batch: _Batch, job: _Job, now: float) -> Any:
+        if job.kind == "alerts":
+            return [self._place(batch, a) for a in job.args]
+        if job.kind == "action":
+            group_id, action, delay, by = job.args
+            g = batch.by_id.get(group_id)
+            if g is None:
+                raise NotFound(f"Alert group {group_id} not found")
+            apply_action(g, action, now, by=by, delay=delay)
+            if g.open == 1 and g.state == "resolved":
+                g.open = None
+            if g.open is None:
+                batch.open.pop((g.integration_id, g.grouping_key), None)
+                if g.state == "resolved":
+                    batch.resolved[(g.integration_id, g.grouping_key)] = g
+            batch.touch(g)
+            return Group(**{c: getattr(g, c) for c in GROUP_COLUMNS})
+        if job.kind == "heartbeat":
+            batch.heartbeats[job.args] = now
+            return now
+        if job.kind == "expire":
+            ended = [g for g in batch.expiring if g.state == "silenced"]
+            for g in ended:
+                _unsilence(g)
+                batch.touch(g)
+            return [g.id for g in ended]
+        return None
+
+    def _place(self, batch: _Batch, a: NewAlert) -> StoredAlert:
+        """CONTRACT §7: join the open group, or the latest resolved one for a resolve
+        signal, or open a new group; then apply the ack and resolve conditions."""
+        key = (a.integration_id, a.grouping_key)
+        g = batch.open.get(key)
+        if g is None and a.resolve:
+            g = batch.resolved.get(key)
+        created = g is None
+        if created:
+            g = Group(
+                seq=None, id=public_id("I"), integration_id=a.integration_id, grouping_key=a.grouping_key,
+                state="new", open=1, route_id=a.route_id, title=a.title, alerts_count=0,
+                created_at=a.received_at,
+            )
+            batch.new_groups.append(g)
+            batch.by_id[g.id] = g
+            batch.open[key] = g
+        alert_id = public_id("A")
+        g.alerts_count += 1
+        g.last_alert_id, g.last_alert_at = alert_id, a.received_at
+        if a.acknowledge and g.state in ("new", "silenced"):
+            _unsilence(g)
+            g.state, g.acknowledged_at, g.acknowledged_by = "acknowledged", a.received_at, "source"
+        if a.resolve and g.state != "resolved":
+            _unsilence(g)
+            g.state, g.resolved_at, g.resolved_by, g.open = "resolved", a.received_at, "source", None
+            batch.open.pop(key, None)
+            batch.resolved[key] = g
+        batch.touch(g)
+        batch.alert_rows.append(
+            (alert_id, g.id, a.integration_id, a.received_at, a.source, int(a.resolve), a.payload_json, a.raw)
+        )
+        return StoredAlert(alert_id, g.id, a.grouping_key, created, g.state)
+
+    async def _write(self, batch: _Batch) -> None:
+        db = self._writer
+        if batch.new_groups:
+            await db.executemany(
+                _GROUP_INSERT, [tuple(getattr(g, c) for c in GROUP_COLUMNS[1:]) for g in batch.new_groups]
+            )
+        if batch.changed:
+            await db.executemany(
+                _GROUP_UPDATE,
+                [tuple(getattr(g, c) for c in GROUP_COLUMNS[4:]) + (g.id,) for g in batch.changed.values()],
+            )
+        if batch.heartbeats:
+            await db.executemany(
+                "INSERT INTO heartbeats (integration_id, last_seen) VALUES (?, ?)"
+                " ON CONFLICT (integration_id) DO UPDATE SET last_seen = excluded.last_seen",
+                list(batch.heartbeats.items()),
+            )
+        if batch.alert_rows:
+            await db.executemany(
+                "INSERT INTO alerts (id, alert_group_id, integration_id, created_at, source,"
+                " is_resolve_signal, payload, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                batch.alert_rows,
+            )
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        try:
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"database error: {exc}") from exc
+
+    async def get_group(self, group_id: str) -> Group | None:
+        rows = await self._fetch(f"{_GROUP_SELECT} WHERE id = ?", (group_id,))
+        return _group(rows[0]) if rows else None
+
+    async def list_groups(
+        self,
+        *,
+        state: str | None = None,
+        integration_id: str | None = None,
+        group_id: str | None = None,
+        route_id: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[int, list[Group]]:
+        """Groups newest first, with the total count for pagination."""
+        where, params = [], []
+        for column, value in (("state", state), ("integration_id", integration_id), ("id", group_id),
+                              ("route_id", route_id)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("created_at <= ?")
+            params.append(until)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        (count,) = (await self._fetch(f"SELECT count(*) FROM alert_groups{clause}", params))[0]
+        rows = await self._fetch(f"{_GROUP_SELECT}{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                 [*params, limit, offset])
+        return count, [_group(r) for r in rows]
+
+    async def alerts_by_id(self, ids: list[str]) -> dict[str, dict]:
+        """Alerts (without raw mail) keyed by id."""
+        out: dict[str, dict] = {}
+        for chunk in _chunks(sorted(set(ids))):
+            marks = ",".join("?" * len(chunk))
+            for row in await self._fetch(
+                f"SELECT id, alert_group_id, integration_id, created_at, source, is_resolve_signal, payload"
+                f" FROM alerts WHERE id IN ({marks})", chunk
+            ):
+                out[row[0]] = _alert(row)
+        return out
+
+    async def list_alerts(
+        self, *, alert_group_id: str | None = None, integration_id: str | None = None,
+        limit: int = 50, offset: int = 0, newest_first: bool = False,
+    ) -> tuple[int, list[dict]]:
+        where, params = [], []
+        if alert_group_id is not None:
+            where.append("alert_group_id = ?")
+            params.append(alert_group_id)
+        if integration_id is not None:
+            where.append("integration_id = ?")
+            params.append(integration_id)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        (count,) = (await self._fetch(f"SELECT count(*) FROM alerts{clause}", params))[0]
+        order = "DESC" if newest_first else "ASC"
+        rows = await self._fetch(
+            "SELECT id, alert_group_id, integration_id, created_at, source, is_resolve_signal, payload"
+            f" FROM alerts{clause} ORDER BY seq {order} LIMIT ? OFFSET ?", [*params, limit, offset]
+        )
+        return count, [_alert(r) for r in rows]
+
+    async def heartbeats(self) -> dict[str, tuple[float, str]]:
+        return {r[0]: (r[1], r[2]) for r in await self._fetch("SELECT integration_id, last_seen, state FROM heartbeats")}
+
+    async def raw_message(self, alert_id: str) -> bytes | None:
+        rows = await self._fetch("SELECT raw FROM alerts WHERE id = ?", (alert_id,))
+        return rows[0][0] if rows else None
+
+    async def count_open_groups(self) -> list[tuple[str, str, int]]:
+        """(integration_id, state, count) for every group still open or silenced/acked."""
+        return await self._fetch(
+            "SELECT integration_id, state, count(*) FROM alert_groups WHERE state != 'resolved'"
+            " GROUP BY integration_id, state"
+        )
+
+
+def _alert(row) -> dict:
+    return {
+        "id": row[0], "alert_group_id": row[1], "integration_id": row[2], "created_at": row[3],
+        "source": row[4], "is_resolve_signal": bool(row[5]), "payload": row[6],
+    }
+
+
+def _chunks(items: list[str]):
+    for i in range(0, len(items), _PARAMS_MAX):
+        yield items[i:i + _PARAMS_MAX]
