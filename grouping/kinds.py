@@ -34,7 +34,7 @@ class Kind:
     slug: str
     title: str
     # Exactly TEMPLATE_NAMES; None where OnCall has no default.
-    templates: Mapping[str, str | None] = field(hash=False)
+    templates: Mapping[str, str | None] = field(hash=False, repr=False)
     # Shared by every caller: deep-copy before changing it (example_payload_copy() does).
     example_payload: Mapping[str, Any] = field(hash=False, repr=False)
     # alertmanager, grafana_alerting: the whole body is one alert; numFiring/numResolved filled in.

@@ -1,0 +1,197 @@
+"""Shared fixtures: a real tocsin on 127.0.0.1 ephemeral ports over a real SQLite file."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from daemon.app import Daemon, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = Path(os.environ.get("TOCSIN_CORPUS", ROOT.parent / "shared" / "corpus"))
+API_TOKEN = "test-api-token"
+
+# One integration per kind: (id, kind, token).
+INTEGRATIONS = [
+    ("am", "alertmanager", "tok-alertmanager-1"),
+    ("ga", "grafana_alerting", "tok-grafana-alerting-1"),
+    ("gl", "grafana", "tok-grafana-legacy-1"),
+    ("wh", "webhook", "tok-webhook-0001"),
+    ("fw", "formatted_webhook", "tok-formatted-0001"),
+    ("zb", "zabbix", "tok-zabbix-00001"),
+    ("kp", "kapacitor", "tok-kapacitor-001"),
+    ("ea", "elastalert", "tok-elastalert-01"),
+    ("mail", "inbound_email", "tok-inbound-email-1"),
+]
+TOKEN = {i: t for i, _, t in INTEGRATIONS}
+KIND = {i: k for i, k, _ in INTEGRATIONS}
+
+
+def corpus(name: str) -> bytes:
+    return (CORPUS / name).read_bytes()
+
+
+def config_text(tmp_path: Path, *, extra_integrations: str = "", daemon_extra: str = "",
+                http_extra: str = "", smtp: bool = True) -> str:
+    lines = [
+        "[daemon]",
+        f'database = "{tmp_path / "tocsin.db"}"',
+        'public_url = "http://127.0.0.1:8080"',
+        daemon_extra,
+        "[http]",
+        'listen = "127.0.0.1:0"',
+        http_extra,
+    ]
+    if smtp:
+        lines += ["[smtp]", 'listen = "127.0.0.1:0"', 'domain = "alerts.example.com"']
+    lines += ["[api]", f'tokens = ["{API_TOKEN}"]']
+    for iid, kind, token in INTEGRATIONS:
+        lines += ["[[integrations]]", f'id = "{iid}"', f'name = "Test {kind}"', f'kind = "{kind}"',
+                  f'token = "{token}"']
+    lines.append(extra_integrations)
+    return "\n".join(lines) + "\n"
+
+
+def write_config(tmp_path: Path, **kw) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(config_text(tmp_path, **kw))
+    return path
+
+
+class Harness:
+    """A running daemon plus a client session pointed at it."""
+
+    def __init__(self, daemon: Daemon, session: aiohttp.ClientSession, config_path: Path):
+        self.daemon = daemon
+        self.session = session
+        self.config_path = config_path
+        self.base = f"http://127.0.0.1:{daemon.http_port}"
+
+    async def post(self, iid: str, body=None, *, kind: str | None = None, token: str | None = None,
+                   data=None, headers=None, slash: bool = True):
+        url = f"{self.base}/integrations/v1/{kind or KIND[iid]}/{token or TOKEN[iid]}" + ("/" if slash else "")
+        kwargs = {"headers": headers or {}}
+        if body is not None:
+            kwargs["data"] = body if isinstance(body, (bytes, str)) else json.dumps(body)
+            kwargs["headers"].setdefault("Content-Type", "application/json")
+        elif data is not None:
+            kwargs["data"] = data
+        async with self.session.post(url, **kwargs) as r:
+            return r.status, await _body(r)
+
+    async def api(self, method: str, path: str, body=None, *, token: str | None = API_TOKEN):
+        headers = {"Authorization": token} if token else {}
+        kwargs = {"headers": headers}
+        if body is not None:
+            kwargs["json"] = body
+        async with self.session.request(method, f"{self.base}/api/v1/{path}", **kwargs) as r:
+            return r.status, await _body(r)
+
+    async def groups(self, **query) -> list[dict]:
+        q = "&".join(f"{k}={v}" for k, v in query.items())
+        status, body = await self.api("GET", f"alert_groups/?perpage=200&{q}")
+        assert status == 200, body
+        return body["results"]
+
+
+async def _body(r: aiohttp.ClientResponse):
+    text = await r.text()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@pytest.fixture
+async def start_tocsin(tmp_path):
+    """Factory: start a daemon on a config (written from keyword options), stop it at the end."""
+    started: list[tuple[Daemon, aiohttp.ClientSession]] = []
+
+    async def start(config_path: Path | None = None, **kw) -> Harness:
+        path = config_path or write_config(tmp_path, **kw)
+        daemon = Daemon(load_config(path))
+        await daemon.start()
+        session = aiohttp.ClientSession()
+        started.append((daemon, session))
+        return Harness(daemon, session, path)
+
+    yield start
+    for daemon, session in started:
+        await session.close()
+        await daemon.stop()
+
+
+@pytest.fixture
+async def tocsin(start_tocsin) -> Harness:
+    return await start_tocsin()
+
+
+class Process:
+    """`python -m daemon serve` as a child process, ports read from its ready line."""
+
+    def __init__(self, config_path: Path):
+        self.config_path = config_path
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "serve", "-c", str(config_path)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.http_port = self.smtp_port = None
+        deadline = time.monotonic() + 20
+        self.output: list[str] = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.output.append(line)
+            m = re.search(r"tocsin ready http=[^ ]+:(\d+) smtp=(?:[^ ]+:(\d+)|off)", line)
+            if m:
+                self.http_port = int(m.group(1))
+                self.smtp_port = int(m.group(2)) if m.group(2) else None
+                # Keep reading, so a chatty child never blocks on a full pipe.
+                threading.Thread(target=self._drain, daemon=True).start()
+                return
+        self.proc.kill()
+        raise RuntimeError("daemon did not start:\n" + "".join(self.output))
+
+    def _drain(self) -> None:
+        try:
+            for line in self.proc.stdout:
+                self.output.append(line)
+        except (ValueError, OSError):
+            pass
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def stop(self, sig=None) -> int:
+        if self.proc.poll() is None:
+            if sig is None:
+                self.proc.terminate()
+            else:
+                self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    procs: list[Process] = []
+
+    def start(config_path: Path | None = None, **kw) -> Process:
+        p = Process(config_path or write_config(tmp_path, **kw))
+        procs.append(p)
+        return p
+
+    yield start
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()

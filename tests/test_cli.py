@@ -1,0 +1,89 @@
+"""The `tocsin` command line: check, render (same code as live traffic), exit codes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+from conftest import CORPUS, ROOT, write_config
+
+
+def tocsin(*args, stdin: str | None = None):
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=ROOT, capture_output=True,
+                          text=True, input=stdin, timeout=60)
+
+
+def test_check_ok_and_example_config():
+    r = tocsin("check", "-c", str(ROOT / "config.toml"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_check_reports_every_problem(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("""
+[daemon]
+bogus = 1
+[http]
+listen = "nowhere"
+[[integrations]]
+id = "a"
+kind = "webhook"
+token = "same-token-123"
+[integrations.templates]
+title = "{{ payload.x "
+[[integrations]]
+id = "a"
+kind = "nope"
+token = "same-token-123"
+""")
+    r = tocsin("check", "-c", str(bad))
+    assert r.returncode == 1
+    err = r.stderr
+    assert "unknown key 'bogus'" in err
+    assert "not host:port" in err
+    assert "duplicate id" in err
+    assert "duplicate token" in err
+    assert "unknown kind 'nope'" in err
+    assert "integration 'a': template 'title'" in err
+
+
+def test_check_missing_file(tmp_path):
+    r = tocsin("check", "-c", str(tmp_path / "none.toml"))
+    assert r.returncode == 1 and "no such file" in r.stderr
+
+
+def test_render_corpus_payload(tmp_path):
+    cfg = write_config(tmp_path)
+    r = tocsin("render", "-c", str(cfg), "--integration", "am", str(CORPUS / "http" / "alertmanager-firing.json"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["grouping_key"] == hashlib.md5(b'{}:{alertname="InstanceDown"}').hexdigest()
+    assert out["resolve"] is False and out["acknowledge"] is False
+    assert out["title"].startswith("InstanceDown")
+    assert "Status: firing" in out["message"]
+    assert set(out) >= {"grouping_id", "grouping_key", "resolve", "acknowledge", "source_link", "title",
+                        "message", "image_url", "route"}
+
+
+def test_render_stdin_and_errors(tmp_path):
+    cfg = write_config(tmp_path)
+    r = tocsin("render", "-c", str(cfg), "--integration", "kp", "-", stdin='{"id": "x", "level": "OK"}')
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resolve"] is True
+    r = tocsin("render", "-c", str(cfg), "--integration", "kp", "-", stdin="{not json")
+    assert r.returncode == 1 and "not JSON" in r.stderr
+    r = tocsin("render", "-c", str(cfg), "--integration", "nope", "-", stdin="{}")
+    assert r.returncode == 1 and "no integration 'nope'" in r.stderr
+    r = tocsin("render")
+    assert r.returncode == 2
+
+
+def test_render_matches_preview_api_shape(tmp_path):
+    cfg = write_config(tmp_path)
+    r = tocsin("render", "-c", str(cfg), "--integration", "fw",
+               str(CORPUS / "http" / "formatted-webhook-alerting.json"))
+    out = json.loads(r.stdout)
+    assert out["title"] == "Disk /var almost full on files01"
+    assert out["source_link"] == "https://monitor.example.com/hosts/files01"
+    assert out["image_url"] is None
