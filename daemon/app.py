@@ -14,9 +14,12 @@ from typing import Callable
 
 from aiohttp import web
 
+from grouping.kinds import KINDS
 from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration
+from grouping.templates import TemplateCompileError, compile_template
 from handlers.api import Api
 from handlers.http import Ingress
+from handlers.metrics import Metrics
 from store import Store
 
 from . import config as cfg
@@ -37,11 +40,17 @@ def build_integrations(config: cfg.Config) -> list[Integration]:
     return out
 
 
+def _template_problem(source: str) -> str | None:
+    try:
+        compile_template(source)
+    except TemplateCompileError as exc:
+        return str(exc)
+    return None
+
+
 def load_config(path) -> cfg.Config:
     """Parse, validate and compile: what `tocsin check` and SIGHUP both run."""
-    from grouping.kinds import KINDS
-
-    config = cfg.load(path, frozenset(KINDS))
+    config = cfg.load(path, frozenset(KINDS), _template_problem)
     build_integrations(config)
     return config
 
@@ -52,6 +61,8 @@ class Daemon:
     def __init__(self, config: cfg.Config):
         self.config = config
         self.store = Store(config.daemon.database)
+        self.metrics = Metrics()
+        self.store.on_commit = self.metrics.committed
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
         self.pipeline: Pipeline | None = None
         self.http_port: int | None = None
@@ -66,7 +77,8 @@ class Daemon:
 
     def _make_pipeline(self, config: cfg.Config) -> Pipeline:
         return Pipeline(build_integrations(config), self.store,
-                        render_budget=config.daemon.render_budget, executor=self.executor)
+                        render_budget=config.daemon.render_budget, executor=self.executor,
+                        metrics=self.metrics)
 
     def make_app(self) -> web.Application:
         c = self.config
@@ -78,9 +90,13 @@ class Daemon:
             max_body_bytes=c.http.max_body_bytes,
         )
         app = web.Application(middlewares=[api.auth], client_max_size=c.http.max_body_bytes)
-        app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes).routes())
+        app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics).routes())
         app.add_routes(api.routes())
-        app.add_routes([web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)])
+        app.add_routes([
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/metrics", self.metrics.handler(self.store.count_open_groups)),
+        ])
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -106,7 +122,7 @@ class Daemon:
         if c.smtp is not None:
             from handlers.smtp import SmtpIngress
 
-            self._smtp = SmtpIngress(c.smtp, self.current)
+            self._smtp = SmtpIngress(c.smtp, self.current, metrics=self.metrics)
             await self._smtp.start()
             self.smtp_port = self._smtp.port
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))

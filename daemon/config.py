@@ -152,7 +152,7 @@ def parse_listen(value: str, where: str, problems: list[str]) -> tuple[str, int]
     return host, port
 
 
-def load(path: str | Path, known_kinds: frozenset[str] | None = None) -> Config:
+def load(path: str | Path, known_kinds: frozenset[str] | None = None, check_template=None) -> Config:
     """Read and validate config.toml; raise ConfigError listing every problem."""
     path = Path(path).resolve()
     try:
@@ -163,10 +163,11 @@ def load(path: str | Path, known_kinds: frozenset[str] | None = None) -> Config:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
-    return parse(raw, path, known_kinds)
+    return parse(raw, path, known_kinds, check_template)
 
 
-def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None) -> Config:
+def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, check_template=None) -> Config:
+    """Validate a parsed TOML document; `check_template(text)` returns a problem or None."""
     problems: list[str] = []
     base = path.parent
     top = _Reader(problems, "config", raw)
@@ -273,6 +274,8 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None) -> C
                 problems.append(f"{where}: unknown template '{name}' (known: {', '.join(TEMPLATE_NAMES)})")
             elif not isinstance(value, str):
                 problems.append(f"{where}: template '{name}' must be a string")
+            elif check_template is not None and (problem := check_template(value)):
+                problems.append(f"{where}: template '{name}': {problem}")
         integrations.append(
             IntegrationConfig(
                 id=iid,

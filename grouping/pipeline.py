@@ -223,7 +223,9 @@ class Pipeline:
         *,
         render_budget: float = 1.0,
         executor: ThreadPoolExecutor | None = None,
+        metrics=None,
     ):
+        self.metrics = metrics  # optional: .template_error(integration_id, template)
         self.integrations = {i.id: i for i in integrations}
         self._by_token = {i.token: i for i in self.integrations.values()}
         self.store = store
@@ -275,8 +277,10 @@ class Pipeline:
                 new.append(self._new_alert(integration, body, d, source, None, raw))
         return await self._store(new)
 
-    @staticmethod
-    def _new_alert(integration, body, d: Decision, source, payload_json, raw) -> NewAlert:
+    def _new_alert(self, integration, body, d: Decision, source, payload_json, raw) -> NewAlert:
+        if d.errors and self.metrics is not None:
+            for name in d.errors:
+                self.metrics.template_error(integration.id, name)
         return NewAlert(
             integration_id=integration.id,
             grouping_key=d.grouping_key,

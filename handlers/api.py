@@ -256,12 +256,11 @@ class Api:
         delay = None
         if action == "silence":
             try:
-                body, _ = parse_json_body(await read_body(request, 65536))
-                delay = body["delay"] if isinstance(body, dict) else None
+                raw = await read_body(request, 65536)
+                body = parse_json_body(raw)[0] if raw.strip() else {}
             except BadBody as exc:
                 return error(exc.status, str(exc))
-            except KeyError:
-                delay = None
+            delay = body.get("delay") if isinstance(body, dict) else None
             if not isinstance(delay, int) or isinstance(delay, bool) or delay < -1:
                 return error(400, "silence needs {\"delay\": seconds} (-1 = forever)")
         try:

@@ -40,7 +40,7 @@ def corpus(name: str) -> bytes:
 
 
 def config_text(tmp_path: Path, *, extra_integrations: str = "", daemon_extra: str = "",
-                http_extra: str = "", smtp: bool = True) -> str:
+                http_extra: str = "", smtp: bool = False) -> str:
     lines = [
         "[daemon]",
         f'database = "{tmp_path / "tocsin.db"}"',

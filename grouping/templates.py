@@ -1,0 +1,835 @@
+"""Sandboxed Jinja2 for user templates: Grafana OnCall's environment, filters and
+error texts, plus a time budget and size limits so no template can hold the host."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import itertools
+import json
+import math
+import re
+import threading
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from time import monotonic
+from zoneinfo import ZoneInfo
+
+import jinja2
+import regex
+from jinja2 import nodes, pass_context, pass_environment, pass_eval_context
+from jinja2.exceptions import SecurityError, TemplateSyntaxError, UndefinedError
+from jinja2.filters import make_attrgetter
+from jinja2.sandbox import SandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+from jinja2.visitor import NodeTransformer
+from markupsafe import Markup
+
+MAX_TEMPLATE_LENGTH = 50_000
+MAX_RESULT_LENGTH = 50_000
+MAX_TITLE_LENGTH = 500
+
+# What one operation may build: far above any real alert, far below a memory problem.
+_MAX_BUILT_CHARS = 10_000_000
+_MAX_BUILT_ITEMS = 1_000_000
+# All text the output statements of one render may produce, macro and block bodies
+# included: bounds amplification by re-emitting a captured result.
+_MAX_EMITTED_CHARS = 10_000_000
+# 10**20000 is already too long to print (Python's 4300-digit str limit).
+_MAX_INT_BITS = 65_536
+_REGEX_TIMEOUT = 2.0  # Grafana OnCall's per-call regex timeout
+
+
+class TemplateCompileError(ValueError):
+    """A template that cannot be compiled; str() is a one-line reason."""
+
+
+class NeedsMoreTime(Exception):
+    """An escalating budget ran out: re-run the render in a worker with the full budget."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a render must stop, and what running out means."""
+
+    deadline: float  # a time.monotonic() instant
+    escalate: bool = False  # True: running out raises NeedsMoreTime; False: a Template Error
+    seconds: float = 1.0  # the configured full budget, only for the error text
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A render's result: text, or the OnCall-style error text."""
+
+    text: str | None
+    error: str | None
+
+
+class _OutOfTime(BaseException):
+    # BaseException so that no `except Exception` in a filter or in Jinja swallows it.
+    pass
+
+
+class _RenderState(threading.local):
+    # Class attributes are the per-thread defaults: outside a render (compiling,
+    # module import) there is no deadline.
+    deadline = math.inf
+    emitted = 0
+
+
+_state = _RenderState()
+
+
+def _tick() -> None:
+    if monotonic() > _state.deadline:
+        raise _OutOfTime
+
+
+def _refuse(what: str) -> None:
+    raise SecurityError(f"{what} would exceed the size limit")
+
+
+# ---------------------------------------------------------------- size estimates
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+class _Leave:
+    # Marks, on the walk's stack, the end of a container's children.
+    __slots__ = ("key",)
+
+    def __init__(self, key: int):
+        self.key = key
+
+
+def _scalar_size(value) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value) + 3  # quotes and separator
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 3  # decimal digits, generously
+    return 24
+
+
+def _text_size(value) -> int:
+    """Roughly len(str(value)), stopping once it is past the limit.
+
+    Containers are walked because their str() repeats shared references: a list
+    holding one 10 MB string a thousand times prints as 10 GB. A container inside
+    itself prints as [...], so it is counted once.
+    """
+    if isinstance(value, str):
+        return len(value)
+    if not isinstance(value, _CONTAINERS):
+        return _scalar_size(value)
+    total, pending, open_ids = 0, [value], set()
+    while pending:
+        item = pending.pop()
+        if isinstance(item, _Leave):
+            open_ids.discard(item.key)
+            continue
+        key = id(item)
+        if key in open_ids:
+            total += 5
+            continue
+        open_ids.add(key)
+        pending.append(_Leave(key))
+        total += 2
+        children = itertools.chain(item.keys(), item.values()) if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, _CONTAINERS):
+                pending.append(child)
+            else:
+                total += _scalar_size(child)
+        if total > _MAX_BUILT_CHARS:
+            return total
+        _tick()
+    return total
+
+
+def _check_text(value, what: str) -> None:
+    if not isinstance(value, str) and _text_size(value) > _MAX_BUILT_CHARS:
+        _refuse(what)
+
+
+def _check_width(width, what: str) -> None:
+    if isinstance(width, int) and width > _MAX_BUILT_CHARS:
+        _refuse(what)
+
+
+def _number(digits: str) -> int:
+    # int() of a huge digit run would itself raise; anything this long is too wide.
+    return int(digits) if len(digits) <= 9 else _MAX_BUILT_CHARS + 1
+
+
+_PERCENT_FIELD = re.compile(r"%(?:\(([^)]*)\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?(.?)", re.S)
+
+
+def _check_percent(fmt, args) -> None:
+    """Refuse printf-style formatting whose widths or repeated arguments are too large."""
+    if not isinstance(fmt, str):
+        return
+    positional = args if isinstance(args, tuple) else (args,)
+    named = args if isinstance(args, Mapping) else None
+    index = 0
+    total = len(fmt)
+
+    def take(field):
+        nonlocal index
+        if field == "*":
+            value = positional[index] if index < len(positional) else 0
+            index += 1
+            return value if isinstance(value, int) else 0
+        return _number(field) if field else 0
+
+    for key, width, precision, kind in _PERCENT_FIELD.findall(fmt):
+        if kind == "%":
+            continue
+        need = max(take(width), take(precision))
+        if key and named is not None:
+            value = named.get(key)
+        else:
+            value = positional[index] if index < len(positional) else None
+            index += 1
+        total += max(need, _text_size(value))
+        if total > _MAX_BUILT_CHARS:
+            _refuse("the formatted string")
+
+
+_SPEC_NUMBER = re.compile(r"\d+")
+
+
+class _SizeLimitedFields:
+    """Mixin for the sandbox's str.format formatters: refuse huge widths and results."""
+
+    _produced = 0
+
+    def format_field(self, value, format_spec):
+        need = max((_number(d) for d in _SPEC_NUMBER.findall(format_spec)), default=0)
+        self._produced += max(need, _text_size(value))
+        if self._produced > _MAX_BUILT_CHARS:
+            _refuse("the formatted string")
+        return super().format_field(value, format_spec)
+
+
+class _Formatter(_SizeLimitedFields, SandboxedFormatter):
+    pass
+
+
+class _EscapeFormatter(_SizeLimitedFields, SandboxedEscapeFormatter):
+    pass
+
+
+def _replace_size(text, old, new, count) -> int:
+    if not (isinstance(text, (str, bytes)) and isinstance(old, type(text)) and isinstance(new, type(text))):
+        return 0
+    hits = text.count(old) if old else len(text) + 1
+    if isinstance(count, int) and count >= 0:
+        hits = min(hits, count)
+    return len(text) + hits * (len(new) - len(old))
+
+
+# Methods reached through the sandbox's call() whose result can be a product of
+# their inputs (width, count, repetition) rather than a sum.
+_SIZED_METHODS = frozenset(
+    {"ljust", "rjust", "center", "zfill", "expandtabs", "replace", "join", "translate", "extend", "to_bytes"}
+)
+
+
+def _guard_method(method, name: str, args: tuple, kwargs: dict) -> tuple:
+    """Refuse a call whose result would be too large; may return materialised args."""
+    owner = getattr(method, "__self__", None)
+    first = args[0] if args else None
+    if isinstance(owner, (str, bytes)):
+        if name in ("ljust", "rjust", "center", "zfill"):
+            _check_width(first, f"str.{name}()")
+        elif name == "expandtabs":
+            tabsize = first if args else kwargs.get("tabsize", 8)
+            tab = "\t" if isinstance(owner, str) else b"\t"
+            if isinstance(tabsize, int) and len(owner) + owner.count(tab) * tabsize > _MAX_BUILT_CHARS:
+                _refuse("str.expandtabs()")
+        elif name == "replace" and len(args) >= 2:
+            count = args[2] if len(args) > 2 else kwargs.get("count", -1)
+            if _replace_size(owner, args[0], args[1], count) > _MAX_BUILT_CHARS:
+                _refuse("str.replace()")
+        elif name == "join" and args:
+            items = list(itertools.islice(iter(first), _MAX_BUILT_ITEMS + 1))
+            if len(items) > _MAX_BUILT_ITEMS:
+                _refuse("str.join()")
+            size = len(owner) * max(len(items) - 1, 0)
+            for item in items:
+                size += _text_size(item)
+                if size > _MAX_BUILT_CHARS:
+                    _refuse("str.join()")
+            return (items, *args[1:])
+        elif name == "translate" and isinstance(first, Mapping):
+            longest = max((len(v) for v in first.values() if isinstance(v, (str, bytes))), default=1)
+            if len(owner) * longest > _MAX_BUILT_CHARS:
+                _refuse("str.translate()")
+    elif isinstance(owner, list) and name == "extend" and args:
+        room = _MAX_BUILT_ITEMS - len(owner)
+        items = first if hasattr(first, "__len__") else list(itertools.islice(iter(first), max(room, 0) + 1))
+        if len(items) > room:
+            _refuse("list.extend()")
+        return (items, *args[1:])
+    elif isinstance(owner, int) and name == "to_bytes":
+        _check_width(first if args else kwargs.get("length", 1), "int.to_bytes()")
+    return args
+
+
+def _check_binop(operator: str, left, right) -> None:
+    if operator == "*":
+        if isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+                _refuse("the product")
+            return
+        if isinstance(right, int) and isinstance(left, (str, bytes, list, tuple)):
+            seq, times = left, right
+        elif isinstance(left, int) and isinstance(right, (str, bytes, list, tuple)):
+            seq, times = right, left
+        else:
+            return
+        limit = _MAX_BUILT_CHARS if isinstance(seq, (str, bytes)) else _MAX_BUILT_ITEMS
+        if times > 1 and len(seq) * times > limit:
+            _refuse("the repetition")
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            if left.bit_length() * right > _MAX_INT_BITS:
+                _refuse("the power")
+    elif operator == "+":
+        if isinstance(left, (str, bytes)) and isinstance(right, (str, bytes)):
+            if len(left) + len(right) > _MAX_BUILT_CHARS:
+                _refuse("the sum")
+        elif isinstance(left, (list, tuple)) and isinstance(right, (list, tuple)):
+            if len(left) + len(right) > _MAX_BUILT_ITEMS:
+                _refuse("the sum")
+    elif operator == "%":
+        _check_percent(left, right)
+
+
+# ---------------------------------------------------------------- the sandbox
+
+
+class _Sandbox(SandboxedEnvironment):
+    """OnCall's sandbox, with deadline checks and size limits on the amplifying operations."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def call_binop(self, context, operator, left, right):
+        _tick()
+        _check_binop(operator, left, right)
+        return self.binop_table[operator](left, right)
+
+    def getattr(self, obj, attribute):
+        if monotonic() > _state.deadline:
+            raise _OutOfTime
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        if monotonic() > _state.deadline:
+            raise _OutOfTime
+        return super().getitem(obj, argument)
+
+    def call(self, context, obj, /, *args, **kwargs):
+        # Every macro call, loop(...) recursion and method call passes here.
+        if monotonic() > _state.deadline:
+            raise _OutOfTime
+        name = getattr(obj, "__name__", None)
+        if name in _SIZED_METHODS:
+            args = _guard_method(obj, name, args, kwargs)
+        return super().call(context, obj, *args, **kwargs)
+
+    def wrap_str_format(self, value):
+        # Same role as Jinja's own hook, with size-limited formatters.
+        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)):
+            return None
+        if value.__name__ not in ("format", "format_map"):
+            return None
+        owner = value.__self__
+        if not isinstance(owner, str):
+            return None
+        by_map = value.__name__ == "format_map"
+        env = self
+
+        def sandboxed_format(*args, **kwargs):
+            if by_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one argument")
+                args, kwargs = (), args[0]
+            if isinstance(owner, Markup):
+                formatter = _EscapeFormatter(env, escape=owner.escape)
+            else:
+                formatter = _Formatter(env)
+            return type(owner)(formatter.vformat(owner, args, kwargs))
+
+        return sandboxed_format
+
+
+# ---------------------------------------------------------------- OnCall's filters
+
+_EXPECTED = (ValueError, AttributeError, TypeError)
+
+
+def _tojson_pretty(value):
+    try:
+        return json.dumps(value, sort_keys=True, indent=4, separators=(",", ": "), ensure_ascii=False)
+    except _EXPECTED:
+        return None
+
+
+def _json_dumps(value):
+    try:
+        return json.dumps(value)
+    except _EXPECTED:
+        return None
+
+
+def _parse_json(value):
+    try:
+        return json.loads(value)
+    except _EXPECTED:
+        return None
+
+
+def _b64decode(value):
+    try:
+        return base64.b64decode(value).decode("utf-8")
+    except _EXPECTED:
+        return None
+
+
+# Django's parse_datetime fallback grammar, for what fromisoformat rejects
+# (single-digit fields, comma fractions, space before the offset).
+_LOOSE_DATETIME = re.compile(
+    r"(?P<year>\d{4})-(?P<month>\d{1,2})-(?P<day>\d{1,2})"
+    r"[T ](?P<hour>\d{1,2}):(?P<minute>\d{1,2})"
+    r"(?::(?P<second>\d{1,2})(?:[.,](?P<fraction>\d{1,6})\d{0,6})?)?"
+    r"\s*(?P<tz>Z|[+-]\d{2}(?::?\d{2})?)?$",
+    re.ASCII,
+)
+
+
+def _parse_datetime(value: str) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        pass
+    match = _LOOSE_DATETIME.match(value)
+    if match is None:
+        return None
+    parts = match.groupdict()
+    tz = parts.pop("tz")
+    fraction = parts.pop("fraction")
+    fields = {k: int(v) for k, v in parts.items() if v is not None}
+    fields["microsecond"] = int(fraction.ljust(6, "0")) if fraction else 0
+    tzinfo = None
+    if tz == "Z":
+        tzinfo = timezone.utc
+    elif tz is not None:
+        minutes = int(tz[1:3]) * 60 + (int(tz[-2:]) if len(tz) > 3 else 0)
+        tzinfo = timezone(timedelta(minutes=-minutes if tz[0] == "-" else minutes))
+    return datetime(**fields, tzinfo=tzinfo)
+
+
+def _iso8601_to_time(value):
+    try:
+        return _parse_datetime(value)
+    except _EXPECTED:
+        return None
+
+
+def _datetimeformat(value, format="%H:%M / %d-%m-%Y"):
+    try:
+        return value.strftime(format)
+    except _EXPECTED:
+        return None
+
+
+def _datetimeformat_as_timezone(value, format="%H:%M / %d-%m-%Y", tz="UTC"):
+    # An unknown zone raises ZoneInfoNotFoundError, a KeyError: a Template Warning, as in OnCall.
+    try:
+        return value.astimezone(ZoneInfo(tz)).strftime(format)
+    except _EXPECTED:
+        return None
+
+
+def _datetimeparse(value, format="%H:%M / %d-%m-%Y"):
+    try:
+        return datetime.strptime(value, format)
+    except _EXPECTED:
+        return None
+
+
+_TIMEDELTA = re.compile(r"^([-+]?)(\d+)([smhdwMQy])$")
+_TIMEDELTA_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def _timedeltaparse(value):
+    try:
+        match = _TIMEDELTA.match(value)
+        if match is None:
+            return None
+        sign, amount, unit = match.groups()
+        if unit not in _TIMEDELTA_UNITS:
+            return None  # months, quarters and years have no fixed length
+        delta = timedelta(**{_TIMEDELTA_UNITS[unit]: int(amount)})
+        return -delta if sign == "-" else delta
+    except _EXPECTED:
+        return None
+
+
+def _timestamp_to_datetime(value):
+    try:
+        return datetime.fromtimestamp(value)
+    except _EXPECTED:
+        return None
+
+
+def _with_regex_timeout(run):
+    """Run a regex call under min(2 s, the remaining budget).
+
+    A timeout that the budget imposed ends the render; OnCall's own 2 s timeout gives None.
+    """
+    remaining = _state.deadline - monotonic()
+    if remaining <= 0:
+        raise _OutOfTime
+    timeout = min(_REGEX_TIMEOUT, remaining)
+    try:
+        return run(timeout)
+    except TimeoutError:
+        if timeout < _REGEX_TIMEOUT:
+            raise _OutOfTime from None
+        return None
+    except _EXPECTED:  # regex.error (an invalid pattern) is not among these: a Template Error
+        return None
+
+
+# pass_context keeps Jinja from folding regex calls on constants at compile time,
+# where no budget applies.
+@pass_context
+def _regex_replace(context, value, find, replace):
+    def run(timeout):
+        if (len(value) + 1) * (2 * len(replace) + 1) <= _MAX_BUILT_CHARS:
+            return regex.sub(find, replace, value, timeout=timeout)
+        produced = 0
+
+        def counted(match):
+            nonlocal produced
+            piece = match.expand(replace)
+            produced += len(piece)
+            if produced > _MAX_BUILT_CHARS:
+                _refuse("regex_replace")
+            return piece
+
+        return regex.sub(find, counted, value, timeout=timeout)
+
+    return _with_regex_timeout(run)
+
+
+@pass_context
+def _regex_match(context, value, pattern):
+    return _with_regex_timeout(lambda timeout: bool(regex.match(pattern, value, timeout=timeout)))
+
+
+@pass_context
+def _regex_search(context, value, pattern):
+    return _with_regex_timeout(lambda timeout: bool(regex.search(pattern, value, timeout=timeout)))
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _range(*args):
+    raise SecurityError("use of 'range' is restricted")
+
+
+# ---------------------------------------------------------------- guards on built-in filters
+
+
+def _guarded_builtins(builtin: dict) -> dict:
+    """Jinja's filters that can build a value far larger than their input, made to refuse."""
+
+    def center(value, width=80):
+        _check_width(width, "center")
+        return builtin["center"](value, width)
+
+    def indent(s, width=4, first=False, blank=False):
+        text = str(s)
+        step = len(width) if isinstance(width, str) else width
+        if isinstance(step, int) and len(text) + (text.count("\n") + 1) * step > _MAX_BUILT_CHARS:
+            _refuse("indent")
+        return builtin["indent"](s, width, first, blank)
+
+    @pass_environment
+    def wordwrap(environment, s, width=79, break_long_words=True, wrapstring=None, break_on_hyphens=True):
+        _check_width(width, "wordwrap")
+        wrap = environment.newline_sequence if wrapstring is None else wrapstring
+        text = str(s)
+        if isinstance(wrap, str) and len(text) + (len(text) + 1) * len(wrap) > _MAX_BUILT_CHARS:
+            _refuse("wordwrap")
+        return builtin["wordwrap"](environment, s, width, break_long_words, wrapstring, break_on_hyphens)
+
+    @pass_eval_context
+    def replace(eval_ctx, s, old, new, count=None):
+        if _replace_size(str(s), str(old), str(new), count) > _MAX_BUILT_CHARS:
+            _refuse("replace")
+        return builtin["replace"](eval_ctx, s, old, new, count)
+
+    def format(value, *args, **kwargs):
+        _check_percent(str(value), kwargs or args)
+        return builtin["format"](value, *args, **kwargs)
+
+    @pass_eval_context
+    def join(eval_ctx, value, d="", attribute=None):
+        items = list(itertools.islice(iter(value), _MAX_BUILT_ITEMS + 1))
+        if len(items) > _MAX_BUILT_ITEMS:
+            _refuse("join")
+        if attribute is not None:
+            get = make_attrgetter(eval_ctx.environment, attribute)
+            items = [get(item) for item in items]
+        size = _text_size(d) * max(len(items) - 1, 0)
+        for item in items:
+            size += _text_size(item)
+            if size > _MAX_BUILT_CHARS:
+                _refuse("join")
+        return builtin["join"](eval_ctx, items, d)
+
+    def batch(value, linecount, fill_with=None):
+        if fill_with is not None and isinstance(linecount, int) and linecount > _MAX_BUILT_ITEMS:
+            _refuse("batch")
+        return builtin["batch"](value, linecount, fill_with)
+
+    def slice_(value, slices, fill_with=None):
+        if isinstance(slices, int) and slices > _MAX_BUILT_ITEMS:
+            _refuse("slice")
+        return builtin["slice"](value, slices, fill_with)
+
+    @pass_environment
+    def sum_(environment, iterable, attribute=None, start=0):
+        if not isinstance(start, (list, tuple)):
+            return builtin["sum"](environment, iterable, attribute, start)
+        # Summing sequences concatenates them: do it step by step under the '+' limit.
+        get = make_attrgetter(environment, attribute) if attribute is not None else None
+        total = start
+        for item in iterable:
+            _tick()
+            item = get(item) if get else item
+            _check_binop("+", total, item)
+            total = total + item
+        return total
+
+    return {
+        "center": center,
+        "indent": indent,
+        "wordwrap": wordwrap,
+        "replace": replace,
+        "format": format,
+        "join": join,
+        "batch": batch,
+        "slice": slice_,
+        "sum": sum_,
+    }
+
+
+# Filters that stringify their input: a container of shared references prints far larger.
+_STRINGIFYING = frozenset(
+    {
+        "string", "pprint", "tojson", "tojson_pretty", "json_dumps", "upper", "lower",
+        "capitalize", "title", "trim", "striptags", "escape", "e", "forceescape", "urlencode",
+        "urlize", "truncate", "wordcount", "safe", "xmlattr", "center", "indent", "wordwrap",
+        "replace", "format", "b64decode", "regex_replace", "regex_match", "regex_search",
+    }
+)
+
+
+def _paced(func, name: str, text_checked: bool):
+    """A filter or test that first checks the deadline (and, for stringifying filters, the size)."""
+    value_at = 0 if getattr(func, "jinja_pass_arg", None) is None else 1
+
+    if text_checked:
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            _tick()
+            if len(args) > value_at:
+                _check_text(args[value_at], f"the input of {name}")
+            return func(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            _tick()
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- filters the AST rewrite inserts
+
+
+@pass_context
+def _paced_iter(context, iterable):
+    state = _state
+    for item in iterable:
+        if monotonic() > state.deadline:
+            raise _OutOfTime
+        yield item
+
+
+@pass_context
+def _emit(context, value):
+    text = value if isinstance(value, str) else None
+    if text is None:
+        _check_text(value, "the output")
+        text = str(value)
+    state = _state
+    state.emitted += len(text)
+    if state.emitted > _MAX_EMITTED_CHARS:
+        _refuse("the rendered output")
+    if monotonic() > state.deadline:
+        raise _OutOfTime
+    return text
+
+
+def _concat(parts):
+    size = 0
+    for part in parts:
+        size += _text_size(part)
+        if size > _MAX_BUILT_CHARS:
+            _refuse("the concatenation")
+    return "".join([part if isinstance(part, str) else str(part) for part in parts])
+
+
+def _checkpoint(value):
+    # After each comparison: `x in big_list or x in big_list or …` is all C code otherwise.
+    _tick()
+    return value
+
+
+def _build_environment() -> _Sandbox:
+    env = _Sandbox(
+        loader=jinja2.BaseLoader(),
+        autoescape=False,
+        keep_trailing_newline=False,
+        # No compile-time folding: it would run filters on constants with no budget.
+        optimized=False,
+    )
+    env.globals.pop("lipsum", None)
+    env.globals["range"] = _range
+    env.globals["time"] = _now
+    builtin = dict(env.filters)
+    env.filters.update(_guarded_builtins(builtin))
+    env.filters.update(
+        tojson_pretty=_tojson_pretty,
+        json_dumps=_json_dumps,
+        parse_json=_parse_json,
+        b64decode=_b64decode,
+        iso8601_to_time=_iso8601_to_time,
+        datetimeformat=_datetimeformat,
+        datetimeformat_as_timezone=_datetimeformat_as_timezone,
+        datetimeparse=_datetimeparse,
+        timedeltaparse=_timedeltaparse,
+        timestamp_to_datetime=_timestamp_to_datetime,
+        regex_replace=_regex_replace,
+        regex_match=_regex_match,
+        regex_search=_regex_search,
+    )
+    for name, func in list(env.filters.items()):
+        env.filters[name] = _paced(func, name, name in _STRINGIFYING)
+    for name, func in list(env.tests.items()):
+        env.tests[name] = _paced(func, name, False)
+    env.filters.update(
+        _tocsin_paced_iter=_paced_iter,
+        _tocsin_emit=_emit,
+        _tocsin_concat=_concat,
+        _tocsin_checkpoint=_checkpoint,
+    )
+    return env
+
+
+_ENV = _build_environment()
+
+
+def _through(filter_name: str, expr: nodes.Expr) -> nodes.Filter:
+    return nodes.Filter(expr, filter_name, [], [], None, None, lineno=expr.lineno)
+
+
+class _Pacer(NodeTransformer):
+    """Routes loops, outputs, `~` and comparisons through the budget and size checks."""
+
+    def visit_For(self, node):
+        self.generic_visit(node)
+        node.iter = _through("_tocsin_paced_iter", node.iter)
+        return node
+
+    def visit_Output(self, node):
+        self.generic_visit(node)
+        node.nodes = [_through("_tocsin_emit", child) for child in node.nodes]
+        return node
+
+    def visit_Concat(self, node):
+        self.generic_visit(node)
+        return _through("_tocsin_concat", nodes.Tuple(node.nodes, "load", lineno=node.lineno))
+
+    def visit_Compare(self, node):
+        self.generic_visit(node)
+        return _through("_tocsin_checkpoint", node)
+
+
+# ---------------------------------------------------------------- public interface
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """Compile a user template once; the result renders many times, from any thread."""
+    if len(source) > MAX_TEMPLATE_LENGTH:
+        raise TemplateCompileError(f"Template exceeds length limit ({len(source)} > {MAX_TEMPLATE_LENGTH})")
+    try:
+        tree = _Pacer().visit(_ENV.parse(source))
+        tree.set_environment(_ENV)
+        return _ENV.from_string(tree)
+    except TemplateSyntaxError as exc:
+        raise TemplateCompileError(f"line {exc.lineno}: {exc.message}") from None
+    except (RecursionError, SyntaxError, MemoryError) as exc:
+        # Python's own compiler refuses some deeply nested expressions.
+        raise TemplateCompileError(f"template too complex to compile: {exc}") from None
+
+
+def render(template: jinja2.Template, variables: dict, budget: Budget, *, title: bool = False) -> Outcome:
+    """Render under a budget; errors become OnCall's "Template Error/Warning: …" texts."""
+    state = _state
+    saved = state.deadline, state.emitted
+    state.deadline, state.emitted = budget.deadline, 0
+    try:
+        text = template.render(variables)
+    except _OutOfTime:
+        if budget.escalate:
+            raise NeedsMoreTime from None
+        return Outcome(None, f"Template Error: render exceeded its time budget of {budget.seconds} s")
+    except (TypeError, KeyError, ValueError, UndefinedError) as exc:
+        return Outcome(None, f"Template Warning: {exc}")
+    except Exception as exc:
+        return Outcome(None, f"Template Error: {exc}")
+    finally:
+        state.deadline, state.emitted = saved
+    limit = MAX_TITLE_LENGTH if title else MAX_RESULT_LENGTH
+    if len(text) > limit:
+        text = text[:limit] + ".."
+    return Outcome(text, None)
+
+
+_TRUE_TEXTS = frozenset({"1", "true", "ok"})
+
+
+def is_truthy(outcome: Outcome) -> bool:
+    """Grafana OnCall's condition rule: no error, and the stripped text is 1, true or ok."""
+    return outcome.error is None and outcome.text is not None and outcome.text.strip().lower() in _TRUE_TEXTS
+
+
+def render_budget(seconds: float, escalate_after: float | None = None) -> Budget:
+    """A budget starting now; with escalate_after, the first stretch raises NeedsMoreTime."""
+    now = monotonic()
+    if escalate_after is None:
+        return Budget(now + seconds, False, seconds)
+    return Budget(now + escalate_after, True, seconds)
