@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +30,12 @@ _PARAMS_MAX = 400
 
 def public_id(prefix: str) -> str:
     """An opaque id like Grafana OnCall's: a prefix letter and 12 random characters."""
-    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(12))
+    n = int.from_bytes(os.urandom(10), "big")  # 80 bits, more than 34**12 (~2**61): negligible bias
+    chars = []
+    for _ in range(12):
+        n, r = divmod(n, 34)
+        chars.append(_ID_ALPHABET[r])
+    return prefix + "".join(chars)
 
 
 class StoreUnavailable(Exception):
@@ -196,7 +202,12 @@ class Store:
     def __init__(self, path: Path, *, queue_size: int = 20000):
         self.path = Path(path)
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_size)
-        self._writer: aiosqlite.Connection | None = None
+        # The writer is a plain sqlite3 connection confined to one thread: a whole batch
+        # (reads, decisions, writes, COMMIT) runs there in one hop from the event loop.
+        # Per-statement hops through a busy loop cost milliseconds each (measured: 13 ms
+        # per 7-statement commit under load against 0.3 ms of fsync).
+        self._writer: sqlite3.Connection | None = None
+        self._wthread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._reader: aiosqlite.Connection | None = None
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -206,39 +217,47 @@ class Store:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await aiosqlite.connect(self.path, isolation_level=None)
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000", "foreign_keys=OFF"):
-            await self._writer.execute(f"PRAGMA {pragma}")
-        await self._migrate()
+        await self._in_writer(self._connect_writer)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA busy_timeout=5000")
         self._reader.row_factory = None
         self._task = asyncio.create_task(self._run(), name="store-writer")
 
-    async def _migrate(self) -> None:
-        db = self._writer
-        (version,) = await (await db.execute("PRAGMA user_version")).fetchone()
+    async def _in_writer(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._wthread, fn, *args)
+
+    def _connect_writer(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=5000"):
+            db.execute(f"PRAGMA {pragma}")
+        (version,) = db.execute("PRAGMA user_version").fetchone()
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             try:
                 for statement in filter(str.strip, script.split(";")):
-                    await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {number}")
-                await db.execute("COMMIT")
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {number}")
+                db.execute("COMMIT")
             except Exception:
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
             log.info("schema migrated to version %d", number)
+        self._writer = db
 
     async def close(self) -> None:
-        """Finish every queued write, then close."""
+        """Finish every queued write, then close (a second call does nothing)."""
+        if self._closing:
+            return
         self._closing = True
         if self._task is not None:
             await self._queue.put(_Job("stop", None, asyncio.get_running_loop().create_future()))
             await self._task
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
+        if self._reader is not None:
+            await self._reader.close()
+        if self._writer is not None:
+            await self._in_writer(self._writer.close)
+            self._writer = None
+        self._wthread.shutdown(wait=True)
 
     # -- writes ----------------------------------------------------------------------
 
@@ -294,27 +313,11 @@ class Store:
     async def _commit(self, jobs: list[_Job]) -> None:
         if not jobs:
             return
-        db = self._writer
         started = time.perf_counter()
-        results: list[tuple[_Job, Any, BaseException | None]] = []
         try:
-            await db.execute("BEGIN IMMEDIATE")
-            batch = _Batch()
-            await self._load(batch, jobs)
-            now = time.time()
-            for job in jobs:
-                try:
-                    results.append((job, self._decide(batch, job, now), None))
-                except (InvalidTransition, NotFound) as exc:
-                    results.append((job, None, exc))
-            await self._write(batch)
-            await db.execute("COMMIT")
+            results = await self._in_writer(self._commit_sync, jobs)
         except Exception as exc:
             log.error("commit failed, %d writes refused: %s", len(jobs), exc)
-            try:
-                await db.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001 - the connection may already be gone
-                pass
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(StoreUnavailable(f"database error: {exc}"))
@@ -329,8 +332,33 @@ class Store:
             else:
                 job.future.set_result(value)
 
-    async def _load(self, batch: _Batch, jobs: list[_Job]) -> None:
-        """Read every group the batch's jobs may touch, in a few queries."""
+    def _commit_sync(self, jobs: list[_Job]) -> list[tuple[_Job, Any, BaseException | None]]:
+        """One transaction for the whole batch, in the writer thread; rolled back whole on error."""
+        db = self._writer
+        results: list[tuple[_Job, Any, BaseException | None]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            batch = _Batch()
+            self._load(batch, jobs)
+            now = time.time()
+            for job in jobs:
+                try:
+                    results.append((job, self._decide(batch, job, now), None))
+                except (InvalidTransition, NotFound) as exc:
+                    results.append((job, None, exc))
+            self._write(batch)
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        return results
+
+    def _load(self, batch: _Batch, jobs: list[_Job]) -> None:
+        """Read every group the batch's jobs may touch, in a few indexed queries."""
+        db = self._writer
         keys: set[str] = set()
         resolve_keys: set[str] = set()
         ids: set[str] = set()
@@ -343,19 +371,15 @@ class Store:
             elif job.kind == "action":
                 ids.add(job.args[0])
             elif job.kind == "expire" and not batch.expiring:
-                rows = await self._writer.execute_fetchall(
-                    f"{_GROUP_SELECT} WHERE state = 'silenced' AND silenced_until <= ?", (job.args,)
-                )
+                rows = db.execute(f"{_GROUP_SELECT} WHERE state = 'silenced' AND silenced_until <= ?", (job.args,))
                 batch.expiring = [batch.remember(_group(r)) for r in rows]
         for chunk in _chunks(sorted(keys)):
             marks = ",".join("?" * len(chunk))
-            for row in await self._writer.execute_fetchall(
-                f"{_GROUP_SELECT} WHERE open = 1 AND grouping_key IN ({marks})", chunk
-            ):
+            for row in db.execute(f"{_GROUP_SELECT} WHERE open = 1 AND grouping_key IN ({marks})", chunk):
                 batch.remember(_group(row))
         for chunk in _chunks(sorted(resolve_keys)):
             marks = ",".join("?" * len(chunk))
-            rows = await self._writer.execute_fetchall(
+            rows = db.execute(
                 f"{_GROUP_SELECT} WHERE seq IN (SELECT max(seq) FROM alert_groups"
                 f" WHERE grouping_key IN ({marks}) AND state = 'resolved' GROUP BY grouping_key, integration_id)",
                 chunk,
@@ -365,7 +389,7 @@ class Store:
                 batch.resolved[(g.integration_id, g.grouping_key)] = g
         for chunk in _chunks(sorted(ids)):
             marks = ",".join("?" * len(chunk))
-            for row in await self._writer.execute_fetchall(f"{_GROUP_SELECT} WHERE id IN ({marks})", chunk):
+            for row in db.execute(f"{_GROUP_SELECT} WHERE id IN ({marks})", chunk):
                 batch.remember(_group(row))
 
     def _decide(self, batch: _Batch, job: _Job, now: float) -> Any:
@@ -430,25 +454,25 @@ class Store:
         )
         return StoredAlert(alert_id, g.id, a.grouping_key, created, g.state)
 
-    async def _write(self, batch: _Batch) -> None:
+    def _write(self, batch: _Batch) -> None:
         db = self._writer
         if batch.new_groups:
-            await db.executemany(
+            db.executemany(
                 _GROUP_INSERT, [tuple(getattr(g, c) for c in GROUP_COLUMNS[1:]) for g in batch.new_groups]
             )
         if batch.changed:
-            await db.executemany(
+            db.executemany(
                 _GROUP_UPDATE,
                 [tuple(getattr(g, c) for c in GROUP_COLUMNS[4:]) + (g.id,) for g in batch.changed.values()],
             )
         if batch.heartbeats:
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO heartbeats (integration_id, last_seen) VALUES (?, ?)"
                 " ON CONFLICT (integration_id) DO UPDATE SET last_seen = excluded.last_seen",
                 list(batch.heartbeats.items()),
             )
         if batch.alert_rows:
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO alerts (id, alert_group_id, integration_id, created_at, source,"
                 " is_resolve_signal, payload, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 batch.alert_rows,
