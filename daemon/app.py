@@ -89,7 +89,7 @@ class Daemon:
             email_domain=lambda: self.config.smtp.domain if self.config.smtp else None,
             max_body_bytes=c.http.max_body_bytes,
         )
-        app = web.Application(middlewares=[api.auth], client_max_size=c.http.max_body_bytes)
+        app = web.Application(client_max_size=c.http.max_body_bytes)
         app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics).routes())
         app.add_routes(api.routes())
         app.add_routes([

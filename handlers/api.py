@@ -90,14 +90,20 @@ class Api:
             ("/api/v1/alert_groups/{id}/{action}", self.group_action, "POST"),
             ("/api/v1/alerts", self.list_alerts, "GET"),
         ):
-            out.append(web.route(method, path, handler))
-            out.append(web.route(method, path + "/", handler))
+            guarded = self._guard(handler)
+            out.append(web.route(method, path, guarded))
+            out.append(web.route(method, path + "/", guarded))
         return out
 
-    @web.middleware
+    def _guard(self, handler):
+        """Wrap an API handler with token auth (per route, so ingestion pays nothing for it)."""
+
+        async def guarded(request: web.Request):
+            return await self.auth(request, handler)
+
+        return guarded
+
     async def auth(self, request: web.Request, handler):
-        if not request.path.startswith("/api/"):
-            return await handler(request)
         given = request.headers.get("Authorization", "")
         if given.lower().startswith("bearer "):
             given = given[7:]

@@ -26,7 +26,7 @@ MIGRATIONS: tuple[str, ...] = (
     -- At most one open group per (integration, key): the grouping rule, enforced by the database too.
     CREATE UNIQUE INDEX ix_groups_open ON alert_groups (grouping_key, integration_id) WHERE open = 1;
     -- The latest resolved group for a key, for resolve signals with no open group.
-    CREATE INDEX ix_groups_key ON alert_groups (grouping_key, integration_id, seq);
+    CREATE INDEX ix_groups_resolved ON alert_groups (grouping_key, integration_id, seq) WHERE state = 'resolved';
     CREATE INDEX ix_groups_state ON alert_groups (state, seq);
     CREATE INDEX ix_groups_integration ON alert_groups (integration_id, seq);
     CREATE INDEX ix_groups_silenced ON alert_groups (silenced_until) WHERE state = 'silenced';

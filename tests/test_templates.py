@@ -6,6 +6,7 @@ import time
 from datetime import datetime
 
 import pytest
+from jinja2.sandbox import SandboxedEnvironment
 
 from grouping.templates import (
     MAX_RESULT_LENGTH,
@@ -545,7 +546,5 @@ LOOP_VARIABLES = {
     ],
 )
 def test_renders_like_plain_jinja(source):
-    from jinja2.sandbox import SandboxedEnvironment
-
     expected = SandboxedEnvironment().from_string(source).render(**LOOP_VARIABLES)
     assert text(source, **LOOP_VARIABLES) == expected
