@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from aiohttp import web
 
 from grouping.kinds import KINDS
+from grouping.limits import Limiter, parse_rate
 from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration
 from grouping.templates import TemplateCompileError, compile_template
 from handlers.api import Api
@@ -55,6 +56,11 @@ def load_config(path) -> cfg.Config:
     return config
 
 
+def _rate_spec(own: str | None, default: str | None):
+    text = own if own is not None else default
+    return None if text is None or text == "off" else parse_rate(text)
+
+
 class Daemon:
     """One tocsin process: HTTP and SMTP listeners over one store."""
 
@@ -62,6 +68,7 @@ class Daemon:
         self.config = config
         self.store = Store(config.daemon.database)
         self.metrics = Metrics()
+        self.limiter = Limiter()
         self.store.on_commit = self.metrics.committed
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
         self.pipeline: Pipeline | None = None
@@ -71,14 +78,16 @@ class Daemon:
         self._smtp = None
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
+        self._notifier = None
 
     def current(self) -> Pipeline:
         return self.pipeline
 
     def _make_pipeline(self, config: cfg.Config) -> Pipeline:
+        self.limiter.configure({i.id: _rate_spec(i.rate_limit, config.daemon.rate_limit) for i in config.integrations})
         return Pipeline(build_integrations(config), self.store,
                         render_budget=config.daemon.render_budget, executor=self.executor,
-                        metrics=self.metrics)
+                        metrics=self.metrics, limiter=self.limiter)
 
     def make_app(self) -> web.Application:
         c = self.config
@@ -130,24 +139,36 @@ class Daemon:
                  f"{c.smtp.host}:{self.smtp_port}" if c.smtp else "off", len(c.integrations))
 
     async def _housekeeping(self) -> None:
-        """Background upkeep: silences that end."""
+        """Background upkeep: silences that end, and retention of resolved groups."""
+        next_prune = 0.0
         while True:
             await asyncio.sleep(1)
             try:
-                await self.store.expire_silences(time.time())
+                now = time.time()
+                await self.store.expire_silences(now)
+                retention = self.config.daemon.retention
+                if retention and now >= next_prune:
+                    # Small batches through the writer, so ingestion never waits long behind them.
+                    pruned = await self.store.prune(now - retention, limit=500)
+                    if pruned:
+                        log.info("retention pruned %d resolved groups", pruned)
+                    next_prune = now if pruned == 500 else now + 60
             except Exception as exc:  # noqa: BLE001 - retried next second
                 log.warning("housekeeping failed: %s", exc)
 
     def reload(self, path) -> bool:
         """Swap in a new config atomically; a bad file leaves the running one in place."""
+        self.notify("RELOADING=1")
         try:
             new = load_config(path)
             pipeline = self._make_pipeline(new)
         except cfg.ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            self.notify("READY=1")
             return False
         self.config, self.pipeline = new, pipeline
         log.info("config reloaded integrations=%d", len(new.integrations))
+        self.notify("READY=1")
         return True
 
     async def stop(self) -> None:
@@ -162,16 +183,35 @@ class Daemon:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self._stopped.set()
 
-    async def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
+    def notify(self, state: str) -> None:
+        """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+        if self._notifier is not None:
+            self._notifier.notify(state)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.reload(self.config.path))
+        if os.environ.get("NOTIFY_SOCKET"):
+            import sdnotify
+
+            self._notifier = sdnotify.SystemdNotifier()
         await self.start()
-        if on_ready is not None:
-            on_ready()
+        # Only now: both listeners are bound and the database is open.
+        self.notify(f"READY=1\nSTATUS=serving http on port {self.http_port}"
+                    + (f", smtp on port {self.smtp_port}" if self.smtp_port else ""))
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if watchdog_usec and os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+            self._tasks.append(asyncio.create_task(self._watchdog(watchdog_usec / 2e6), name="watchdog"))
         await stop.wait()
+        self.notify("STOPPING=1")
         log.info("stopping: draining in-flight requests")
         await self.stop()
         log.info("stopped")

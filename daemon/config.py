@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from grouping.limits import parse_duration, parse_rate
+
 TEMPLATE_NAMES = (
     "grouping_id",
     "resolve_condition",
@@ -39,6 +41,8 @@ class DaemonConfig:
     log_level: str = "INFO"
     log_format: str = "logfmt"
     shutdown_timeout: float = 30.0
+    rate_limit: str | None = None       # default for every integration, "N/period"
+    retention: float | None = None      # seconds; resolved groups older than this are pruned
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class IntegrationConfig:
     kind: str
     token: str
     templates: dict[str, str] = field(default_factory=dict)
+    rate_limit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,27 @@ def parse_listen(value: str, where: str, problems: list[str]) -> tuple[str, int]
     return host, port
 
 
+def _rate(text: str | None, where: str, problems: list[str]) -> str | None:
+    if text is None or text.strip().lower() == "off":
+        return text and "off"
+    try:
+        parse_rate(text)
+    except ValueError as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+    return text
+
+
+def _duration(text: str | None, where: str, key: str, problems: list[str]) -> float | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        problems.append(f"{where}: '{key}': {exc}")
+        return None
+
+
 def load(path: str | Path, known_kinds: frozenset[str] | None = None, check_template=None) -> Config:
     """Read and validate config.toml; raise ConfigError listing every problem."""
     path = Path(path).resolve()
@@ -182,6 +208,8 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
         log_level=d.get("log_level", str, "INFO").upper(),
         log_format=d.get("log_format", str, "logfmt"),
         shutdown_timeout=d.positive("shutdown_timeout", 30.0, float),
+        rate_limit=_rate(d.get("rate_limit", str), "[daemon]", problems),
+        retention=_duration(d.get("retention", str), "[daemon]", "retention", problems),
     )
     if daemon.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("[daemon]: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
@@ -283,6 +311,7 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
                 kind=kind,
                 token=token or "",
                 templates={k: v for k, v in templates.items() if k in TEMPLATE_NAMES and isinstance(v, str)},
+                rate_limit=_rate(r.get("rate_limit", str), where, problems),
             )
         )
         r.finish()

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 from store import NewAlert, Store, StoreUnavailable
 
 from .kinds import KINDS, Kind, count_alerts, split_alerts
+from .limits import Limiter
 from .templates import (
     Budget,
     NeedsMoreTime,
@@ -210,6 +211,11 @@ def payloads_of(kind: Kind, payload: Any) -> list[Any]:
     return list(split_alerts(kind, payload))
 
 
+def _refund(taken: list) -> None:
+    for limit in reversed(taken):
+        limit.refund()
+
+
 class Pipeline:
     """Integrations of one config generation, wired to the store.
 
@@ -224,8 +230,10 @@ class Pipeline:
         render_budget: float = 1.0,
         executor: ThreadPoolExecutor | None = None,
         metrics=None,
+        limiter: Limiter | None = None,
     ):
         self.metrics = metrics  # optional: .template_error(integration_id, template)
+        self.limiter = limiter
         self.integrations = {i.id: i for i in integrations}
         self._by_token = {i.token: i for i in self.integrations.values()}
         self.store = store
@@ -264,18 +272,42 @@ class Pipeline:
         for body in bodies:
             d = await self.decide(integration, body, grouped=grouped)
             new.append(self._new_alert(integration, body, d, source, payload_json, raw))
-        return await self._store(new)
+        return await self._store(new, self._admit(integration, new))
 
     async def ingest_many(
         self, items: list[tuple[Integration, Any]], *, source: str, raw: bytes | None = None
     ) -> list[Accepted]:
         """One payload into several integrations, committed atomically (one email, many recipients)."""
-        new = []
-        for integration, payload in items:
-            for body in payloads_of(integration.kind, payload):
-                d = await self.decide(integration, body)
-                new.append(self._new_alert(integration, body, d, source, None, raw))
-        return await self._store(new)
+        new, admitted = [], []
+        try:
+            for integration, payload in items:
+                mine = []
+                for body in payloads_of(integration.kind, payload):
+                    d = await self.decide(integration, body)
+                    mine.append(self._new_alert(integration, body, d, source, None, raw))
+                admitted += self._admit(integration, mine)
+                new += mine
+        except RateLimited:
+            _refund(admitted)
+            raise
+        return await self._store(new, admitted)
+
+    def _admit(self, integration: Integration, new: list[NewAlert]) -> list:
+        """Count firing alerts against the integration's rate limit; resolve signals pass free,
+        so a flood never blocks its own recovery. All or nothing for one request."""
+        limit = self.limiter.get(integration.id) if self.limiter is not None else None
+        if limit is None:
+            return []
+        taken = []
+        for alert in new:
+            if alert.resolve:
+                continue
+            wait = limit.try_acquire()
+            if wait:
+                _refund(taken)
+                raise RateLimited(limit.spec.text, Limiter.retry_after(wait))
+            taken.append(limit)
+        return taken
 
     def _new_alert(self, integration, body, d: Decision, source, payload_json, raw) -> NewAlert:
         if d.errors and self.metrics is not None:
@@ -293,11 +325,12 @@ class Pipeline:
             raw=raw,
         )
 
-    async def _store(self, new: list[NewAlert]) -> list[Accepted]:
+    async def _store(self, new: list[NewAlert], admitted: list = ()) -> list[Accepted]:
         if not new:
             return []
         try:
             stored = await self.store.add_alerts(new)
         except StoreUnavailable as exc:
+            _refund(admitted)  # not kept, so not counted
             raise Unavailable(str(exc)) from exc
         return [Accepted(s.alert_id, s.alert_group_id, s.grouping_key, s.group_created, s.group_state) for s in stored]

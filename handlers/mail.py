@@ -173,28 +173,45 @@ def _split(text: str, eol: str, default_type: str, depth: int) -> Message | None
     cte = (msg.get("content-transfer-encoding") or "7bit").strip().lower()
     if depth >= _MAX_FAST_DEPTH or not boundary or cte not in ("7bit", "8bit", "binary"):
         return None
-    delimiter = re.compile("^--" + re.escape(boundary) + r"(--)?[ \t]*(?:\r?\n|\Z)", re.M)
     parts: list[Message] = []
     start = None
     inner_type = "message/rfc822" if msg.get_content_subtype() == "digest" else "text/plain"
-    for match in delimiter.finditer(body):
+    for line_start, close, next_line in _delimiters(body, "--" + boundary, eol):
         if start is None:
-            if match.group(1):
+            if close:
                 return None
-            msg.preamble = body[: match.start() - len(eol)] if match.start() else None
+            msg.preamble = body[: line_start - len(eol)] if line_start else None
         else:
-            if match.start() - len(eol) < start:
+            if line_start - len(eol) < start:
                 return None  # an empty part
-            part = _split(body[start:match.start() - len(eol)], eol, inner_type, depth + 1)
+            part = _split(body[start:line_start - len(eol)], eol, inner_type, depth + 1)
             if part is None:
                 return None
             parts.append(part)
-        if match.group(1):  # the close delimiter
-            msg.epilogue = body[match.end():]
+        if close:
+            msg.epilogue = body[next_line:]
             msg._payload = parts
             return msg
-        start = match.end()
+        start = next_line
     return None  # no boundary at all, or never closed
+
+
+def _delimiters(body: str, dash_boundary: str, eol: str) -> Iterator[tuple[int, bool, int]]:
+    """(line start, is the close delimiter, start of the next line) for each delimiter line.
+
+    A delimiter line is `--boundary`, optionally `--`, optional blanks, then the line
+    end; found with str.find (a regex per boundary would be compiled per message).
+    """
+    at = 0 if body.startswith(dash_boundary) else body.find(eol + dash_boundary)
+    while at >= 0:
+        line_start = at if at == 0 and body.startswith(dash_boundary) else at + len(eol)
+        after = line_start + len(dash_boundary)
+        line_end = body.find(eol, after)
+        rest = body[after:] if line_end < 0 else body[after:line_end]
+        close = rest.startswith("--")
+        if not (rest[2:] if close else rest).strip(" \t"):
+            yield line_start, close, len(body) if line_end < 0 else line_end + len(eol)
+        at = body.find(eol + dash_boundary, line_start + 1)
 
 
 def is_cheap(raw: bytes) -> bool:

@@ -131,6 +131,8 @@ class _Batch:
         self.alert_rows: list[tuple] = []
         self.expiring: list[Group] = []
         self.heartbeats: dict[str, float] = {}
+        self.prune: tuple[float, int] | None = None  # (resolved before, at most this many groups)
+        self.pruned: int = 0
 
     def remember(self, g: Group) -> Group:
         known = self.by_id.get(g.id)
@@ -284,6 +286,11 @@ class Store:
         """Record a heartbeat ping durably; return its time."""
         return await self._submit("heartbeat", integration_id)
 
+    async def prune(self, resolved_before: float, limit: int = 500) -> int:
+        """Delete up to `limit` groups resolved before the given time, with their alerts."""
+        batch = await self._submit("prune", (resolved_before, limit))
+        return batch.pruned
+
     async def expire_silences(self, now: float | None = None) -> list[str]:
         """Unsilence every group whose silence has ended; return their ids."""
         return await self._submit("expire", now or time.time())
@@ -408,6 +415,9 @@ class Store:
                     batch.resolved[(g.integration_id, g.grouping_key)] = g
             batch.touch(g)
             return Group(**{c: getattr(g, c) for c in GROUP_COLUMNS})
+        if job.kind == "prune":
+            batch.prune = job.args
+            return batch
         if job.kind == "heartbeat":
             batch.heartbeats[job.args] = now
             return now
@@ -464,6 +474,17 @@ class Store:
                 _GROUP_UPDATE,
                 [tuple(getattr(g, c) for c in GROUP_COLUMNS[4:]) + (g.id,) for g in batch.changed.values()],
             )
+        if batch.prune is not None:
+            before, limit = batch.prune
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM alert_groups WHERE state = 'resolved' AND resolved_at < ? ORDER BY seq LIMIT ?",
+                (before, limit),
+            ) if r[0] not in batch.by_id]  # groups this batch touches stay
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"DELETE FROM alerts WHERE alert_group_id IN ({marks})", chunk)
+                db.execute(f"DELETE FROM alert_groups WHERE id IN ({marks})", chunk)
+            batch.pruned = len(ids)
         if batch.heartbeats:
             db.executemany(
                 "INSERT INTO heartbeats (integration_id, last_seen) VALUES (?, ?)"
