@@ -137,11 +137,12 @@ async def tocsin(start_tocsin) -> Harness:
 class Process:
     """`python -m daemon serve` as a child process, ports read from its ready line."""
 
-    def __init__(self, config_path: Path):
+    def __init__(self, config_path: Path, env: dict | None = None):
         self.config_path = config_path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "serve", "-c", str(config_path)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})},
         )
         self.http_port = self.smtp_port = None
         deadline = time.monotonic() + 20
@@ -185,8 +186,8 @@ class Process:
 def spawn(tmp_path):
     procs: list[Process] = []
 
-    def start(config_path: Path | None = None, **kw) -> Process:
-        p = Process(config_path or write_config(tmp_path, **kw))
+    def start(config_path: Path | None = None, env: dict | None = None, **kw) -> Process:
+        p = Process(config_path or write_config(tmp_path, **kw), env)
         procs.append(p)
         return p
 
