@@ -19,7 +19,7 @@ from grouping.limits import Limiter, parse_rate
 from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration
 from grouping.templates import TemplateCompileError, compile_template
 from handlers.api import Api
-from handlers.http import Ingress
+from handlers.http import GatedSite, Ingress
 from handlers.metrics import Metrics
 from store import Store
 
@@ -99,7 +99,8 @@ class Daemon:
             max_body_bytes=c.http.max_body_bytes,
         )
         app = web.Application(client_max_size=c.http.max_body_bytes)
-        app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics).routes())
+        app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
+                               body_timeout=c.http.body_timeout).routes())
         app.add_routes(api.routes())
         app.add_routes([
             web.get("/healthz", self.healthz),
@@ -125,7 +126,7 @@ class Daemon:
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
                                      shutdown_timeout=c.daemon.shutdown_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, c.http.host, c.http.port, reuse_address=True, backlog=1024)
+        site = GatedSite(self._runner, c.http.host, c.http.port, max_connections=c.http.max_connections)
         await site.start()
         self.http_port = self._runner.addresses[0][1]
         if c.smtp is not None:

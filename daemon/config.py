@@ -50,6 +50,8 @@ class HttpConfig:
     host: str
     port: int
     max_body_bytes: int = 1024 * 1024
+    max_connections: int = 2048
+    body_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,9 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
 
     h = _Reader(problems, "[http]", top.get("http", dict, {}))
     host, port = parse_listen(h.get("listen", str, "127.0.0.1:8080"), "[http]", problems)
-    http = HttpConfig(host=host, port=port, max_body_bytes=h.positive("max_body_bytes", 1024 * 1024))
+    http = HttpConfig(host=host, port=port, max_body_bytes=h.positive("max_body_bytes", 1024 * 1024),
+                      max_connections=h.positive("max_connections", 2048),
+                      body_timeout=h.positive("body_timeout", 30.0, float))
     h.finish()
 
     smtp = None

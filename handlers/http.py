@@ -5,8 +5,10 @@ hands the payload to the pipeline and maps the outcome to a status (CONTRACT §4
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
@@ -65,13 +67,21 @@ def parse_json_body(body: bytes) -> tuple[Any, str]:
     return payload, text
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, or BadBody(413) as soon as it passes `limit` bytes."""
+BODY_TIMEOUT = 30.0
+
+
+async def read_body(request: web.Request, limit: int, timeout: float = BODY_TIMEOUT) -> bytes:
+    """The whole body, or BadBody(413) as soon as it passes `limit` bytes, or BadBody(408)
+    when it takes longer than `timeout` to arrive (a stalled client frees its slot)."""
     if request.content_length is not None and request.content_length > limit:
         raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
     chunks, size = [], 0
+    deadline = time.monotonic() + timeout
     while True:
-        chunk = await request.content.read(65536)
+        try:
+            chunk = await asyncio.wait_for(request.content.read(65536), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise BadBody(408, f"body not received within {timeout:g} s") from None
         if not chunk:
             break
         size += len(chunk)
@@ -81,7 +91,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def parse_payload(request: web.Request, limit: int) -> tuple[Any, str | None]:
+async def parse_payload(request: web.Request, limit: int, timeout: float = BODY_TIMEOUT) -> tuple[Any, str | None]:
     """The payload a request carries, and its JSON text when it came as JSON."""
     ctype = request.content_type
     if ctype == "multipart/form-data":
@@ -99,7 +109,7 @@ async def parse_payload(request: web.Request, limit: int) -> tuple[Any, str | No
                 raise BadBody(400, "File uploads are not allowed")
             payload[key] = value
         return payload, None
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, timeout)
     if not body.strip():
         return {}, None  # Grafana OnCall accepts an empty body as {}
     if ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json")):
@@ -116,9 +126,11 @@ async def parse_payload(request: web.Request, limit: int) -> tuple[Any, str | No
 class Ingress:
     """The integration endpoints, over whichever pipeline is current."""
 
-    def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int, hooks=None):
+    def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int, hooks=None,
+                 body_timeout: float = BODY_TIMEOUT):
         self.get_pipeline = get_pipeline
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.hooks = hooks  # optional: .accepted(integration, n, source), .rejected(integration_id, source, reason)
 
     def routes(self) -> list[web.RouteDef]:
@@ -149,9 +161,10 @@ class Ingress:
                 f" (integration '{integration.id}')",
             )
         try:
-            payload, text = await parse_payload(request, self.max_body_bytes)
+            payload, text = await parse_payload(request, self.max_body_bytes, self.body_timeout)
         except BadBody as exc:
-            self._rejected(integration.id, {400: "bad_body", 413: "too_large", 415: "content_type"}[exc.status])
+            self._rejected(integration.id, {400: "bad_body", 408: "timeout", 413: "too_large",
+                                            415: "content_type"}[exc.status])
             return error(exc.status, str(exc))
         try:
             accepted = await pipeline.ingest(integration, payload, payload_json=text, source="http")
@@ -192,3 +205,78 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001 - any storage trouble means "retry"
             return error(503, f"storage unavailable, retry later: {exc}", headers={"Retry-After": "5"})
         return web.json_response(":)")
+
+
+_BUSY = json.dumps({"error": "too many connections, retry later"}).encode()
+_BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY
+)
+
+
+class _Refused(asyncio.Protocol):
+    """Answers 503 and hangs up: the connection cap is reached."""
+
+    def connection_made(self, transport) -> None:
+        transport.write(_BUSY_RESPONSE)
+        transport.close()
+
+
+class _Counted(asyncio.Protocol):
+    """An aiohttp connection, counted while it lives."""
+
+    def __init__(self, inner: asyncio.Protocol, gate: "ConnectionGate"):
+        self._inner, self._gate = inner, gate
+
+    def connection_made(self, transport) -> None:
+        self._gate.active += 1
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        self._gate.active -= 1
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self):
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class ConnectionGate:
+    """A protocol factory that caps open HTTP connections, so memory stays bounded."""
+
+    def __init__(self, factory, limit: int):
+        self._factory, self.limit, self.active = factory, limit, 0
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.active >= self.limit:
+            return _Refused()
+        return _Counted(self._factory(), self)
+
+
+class GatedSite(web.BaseSite):
+    """A TCP site whose connections pass through a ConnectionGate."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
+                 backlog: int = 1024):
+        super().__init__(runner, backlog=backlog)
+        self._host, self._port, self.max_connections = host, port, max_connections
+        self.gate: ConnectionGate | None = None
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self.gate = ConnectionGate(self._runner.server, self.max_connections)
+        self._server = await asyncio.get_running_loop().create_server(
+            self.gate, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )

@@ -161,8 +161,6 @@ def _split(text: str, eol: str, default_type: str, depth: int) -> Message | None
                 headers.append((name, value.lstrip(" \t")))
             else:
                 return None
-        if headers and headers[-1][1].endswith("\r"):
-            return None
     maintype = msg.get_content_maintype()
     if maintype == "message":
         return None  # attached messages: the feed parser parses them as messages

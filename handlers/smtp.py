@@ -209,6 +209,12 @@ class MailHandler:
     def __init__(self, ingress: SmtpIngress):
         self.ingress = ingress
 
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname  # what aiosmtpd does itself when there is no hook
+        # No SMTP AUTH: the token in the address is the credential, and aiosmtpd's
+        # default mechanisms (offered after STARTTLS) would refuse every login.
+        return [r for r in responses if not r.startswith("250-AUTH")]
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if len(envelope.rcpt_tos) >= self.ingress.settings.max_recipients:
             self.ingress.record("rejected", "", "smtp", "too_many_recipients")

@@ -222,6 +222,19 @@ async def test_rcpt_selects_integration_or_550(door, rcpt, code):
         assert "5.1.1" in text
 
 
+async def test_null_sender_and_helo_are_accepted(door):
+    ingress, pipeline = await door()
+    client = await Client.connect(ingress.port)
+    assert (await client.cmd("HELO old-device"))[0] == 250
+    assert (await client.cmd("MAIL FROM:<>"))[0] == 250
+    assert (await client.cmd(f"RCPT TO:<{MAIL_A.token}@{DOMAIN}>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.writer.write(wire(SIMPLE) + b".\r\n")
+    assert (await client.reply())[0] == 250
+    await client.close()
+    assert len(pipeline.calls) == 1
+
+
 async def test_multi_recipient_makes_one_alert_per_integration(door):
     ingress, pipeline = await door()
     client = await Client.connect(ingress.port)
@@ -440,6 +453,8 @@ async def test_starttls_when_configured(door, cert_pair):
         await smtp.ehlo()
         assert smtp.supports_extension("starttls")
         await smtp.starttls(tls_context=context)
+        await smtp.ehlo()
+        assert not smtp.supports_extension("auth")  # tokens, not SMTP AUTH
         errors, _ = await smtp.sendmail("dev@example.net", [f"{MAIL_A.token}@{DOMAIN}"], SIMPLE)
         assert not errors
     assert len(pipeline.calls) == 1
