@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
@@ -75,19 +74,27 @@ async def read_body(request: web.Request, limit: int, timeout: float = BODY_TIME
     when it takes longer than `timeout` to arrive (a stalled client frees its slot)."""
     if request.content_length is not None and request.content_length > limit:
         raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            chunk = await asyncio.wait_for(request.content.read(65536), max(0.0, deadline - time.monotonic()))
-        except asyncio.TimeoutError:
-            raise BadBody(408, f"body not received within {timeout:g} s") from None
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise BadBody(413, f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    length = request.content_length
+    if length is not None:
+        # The common case: the whole body already arrived with the headers.
+        data = request.content.read_nowait(-1)
+        if len(data) == length:
+            return data
+        chunks, size = [data], len(data)
+    else:
+        chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await request.content.read(65536)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > limit:
+                    raise BadBody(413, f"body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadBody(408, f"body not received within {timeout:g} s") from None
     return b"".join(chunks)
 
 

@@ -45,6 +45,7 @@ class Metrics:
             "tocsin_commit_batch_size", "Writes committed together", registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
+        self._received: dict[tuple[str, str], Counter] = {}
         self.smtp_sessions = Gauge("tocsin_smtp_sessions", "SMTP sessions open now", registry=r)
         self.smtp_replies = Counter("tocsin_smtp_replies_total", "SMTP replies to DATA and RCPT, by code",
                                     ["code"], registry=r)
@@ -52,7 +53,11 @@ class Metrics:
     # -- hooks the rest of tocsin calls ---------------------------------------------
 
     def accepted(self, integration, n: int, source: str) -> None:
-        self.received_total.labels(integration.id, source).inc(n)
+        key = (integration.id, source)
+        child = self._received.get(key)
+        if child is None:  # labels() takes a lock and builds a key: once per integration and source
+            child = self._received[key] = self.received_total.labels(*key)
+        child.inc(n)
 
     def rejected(self, integration_id: str, source: str, reason: str) -> None:
         self.rejected_total.labels(integration_id or "unknown", source, reason).inc()

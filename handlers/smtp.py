@@ -65,6 +65,7 @@ class SmtpIngress:
         self._server: asyncio.AbstractServer | None = None
         self._tls: ssl.SSLContext | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._session_args: dict[str, Any] = {}
 
     async def start(self) -> None:
         aiosmtpd_log = logging.getLogger(_AIOSMTPD_LOG)
@@ -129,7 +130,7 @@ class SmtpIngress:
         return pipeline.by_token(local) if local else None
 
     def refusal(self, peer: Any) -> tuple[str, str] | None:
-        """(reply, metric outcome) for a connection we will not serve, else None."""
+        """(reply, reason) for a connection we will not serve, else None."""
         if self._networks and not self._allowed(peer):
             return "554 5.7.1 Access denied", "refused_network"
         if self.draining:
@@ -343,10 +344,14 @@ class _Gate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         refusal = self._ingress.refusal(transport.get_extra_info("peername"))
         if refusal is None:
-            session = self._ingress.new_session()
-            transport.set_protocol(session)
-            session.connection_made(transport)
-            return
+            try:
+                session = self._ingress.new_session()
+                transport.set_protocol(session)
+                session.connection_made(transport)
+                return
+            except Exception:
+                log.exception("smtp: could not start a session")
+                refusal = ("421 4.3.0 Internal error, try again later", "error")
         reply, reason = refusal
         self._ingress.record("rejected", "", "smtp", reason)
         transport.write(reply.encode("ascii") + b"\r\n")
