@@ -22,6 +22,7 @@ from handlers.api import Api
 from handlers.http import GatedSite, Ingress
 from handlers.metrics import Metrics
 from store import Store
+from ui import setup_ui
 
 from . import config as cfg
 
@@ -107,6 +108,7 @@ class Daemon:
             web.get("/readyz", self.readyz),
             web.get("/metrics", self.metrics.handler(self.store.count_open_groups)),
         ])
+        setup_ui(app, self)
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
