@@ -268,11 +268,14 @@ class Pipeline:
         bodies = payloads_of(integration.kind, payload)
         if len(bodies) != 1 or bodies[0] is not payload:
             payload_json = None  # what is stored is what templates saw
-        new = []
-        for body in bodies:
-            d = await self.decide(integration, body, grouped=grouped)
-            new.append(self._new_alert(integration, body, d, source, payload_json, raw))
-        return await self._store(new, self._admit(integration, new))
+        with self.store.expect():
+            new = []
+            for body in bodies:
+                d = await self.decide(integration, body, grouped=grouped)
+                new.append(self._new_alert(integration, body, d, source, payload_json, raw))
+            admitted = self._admit(integration, new)
+            pending = self._submit(new, admitted)
+        return await self._finish(pending, admitted)
 
     async def ingest_many(
         self, items: list[tuple[Integration, Any]], *, source: str, raw: bytes | None = None
@@ -290,7 +293,7 @@ class Pipeline:
         except RateLimited:
             _refund(admitted)
             raise
-        return await self._store(new, admitted)
+        return await self._finish(self._submit(new, admitted), admitted)
 
     def _admit(self, integration: Integration, new: list[NewAlert]) -> list:
         """Count firing alerts against the integration's rate limit; resolve signals pass free,
@@ -325,11 +328,21 @@ class Pipeline:
             raw=raw,
         )
 
-    async def _store(self, new: list[NewAlert], admitted: list = ()) -> list[Accepted]:
+    def _submit(self, new: list[NewAlert], admitted: list):
+        """Queue the alerts for the writer now (the future resolves after the commit)."""
         if not new:
+            return None
+        try:
+            return self.store.add_alerts(new)
+        except StoreUnavailable as exc:
+            _refund(admitted)
+            raise Unavailable(str(exc)) from exc
+
+    async def _finish(self, pending, admitted: list) -> list[Accepted]:
+        if pending is None:
             return []
         try:
-            stored = await self.store.add_alerts(new)
+            stored = await pending
         except StoreUnavailable as exc:
             _refund(admitted)  # not kept, so not counted
             raise Unavailable(str(exc)) from exc

@@ -304,14 +304,17 @@ class _Session(SMTP):
             self._ingress.session_closed(self)
 
     def _timeout_cb(self) -> None:
+        if self.transport is None:
+            return
         # Say why before hanging up (RFC 5321 4.2: 421 when closing the channel).
-        if self.transport is not None and not self.transport.is_closing():
+        if not self.transport.is_closing():
             self.transport.write(b"421 4.4.2 Timeout, closing connection\r\n")
         super()._timeout_cb()
 
     def hold_timeout(self, seconds: float) -> None:
         """Re-arm the idle timer with a longer delay (while tocsin, not the client, works)."""
-        self._reset_timeout(seconds)
+        if self.transport is not None:
+            self._reset_timeout(seconds)
 
     def shut(self, reply: str) -> None:
         """Send a final reply and close."""

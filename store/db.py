@@ -25,7 +25,11 @@ log = logging.getLogger("tocsin.store")
 _ID_ALPHABET = "ABCDEFGHIJKLMNPQRSTUVWXYZ123456789"  # Grafana OnCall's: no O, no 0
 _BATCH_MAX = 256  # bounds how long one batch's writes hold the event loop
 _PARAMS_MAX = 400
-_GATHER_TURNS = 1
+# Group commit: before each commit the writer lets the loop turn a few times (reading and
+# parsing requests that have arrived) and waits for announced writes, at most 2 ms.
+# Measured with 64 clients: batches of ~30 instead of ~13, and ~30% more alerts/s.
+_GATHER_TURNS = 3
+_GATHER_SECONDS = 0.002
 
 
 # Each random byte picks a character (256 % 34 leaves a slight bias; ids stay unguessable
@@ -198,6 +202,19 @@ def _unsilence(g: Group) -> None:
         g.state = "new"
 
 
+class _Expected:
+    def __init__(self, store: "Store"):
+        self.store = store
+
+    def __enter__(self):
+        self.store._expected += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.store._expected -= 1
+        return False
+
+
 class Store:
     """The tocsin database: open it, submit writes, query it."""
 
@@ -215,6 +232,7 @@ class Store:
         self._task: asyncio.Task | None = None
         self._closing = False
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds)
+        self._expected = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -270,9 +288,10 @@ class Store:
             raise StoreUnavailable("the write queue is full") from None
         return future
 
-    async def add_alerts(self, alerts: list[NewAlert]) -> list[StoredAlert]:
-        """Store alerts atomically and durably; return where each landed."""
-        return await self._submit("alerts", alerts)
+    def add_alerts(self, alerts: list[NewAlert]) -> "asyncio.Future[list[StoredAlert]]":
+        """Queue alerts to be stored atomically and durably. Await the result: where each
+        landed, once committed. Raises StoreUnavailable at once when nothing can be queued."""
+        return self._submit("alerts", alerts)
 
     async def act(self, group_id: str, action: str, *, delay: int | None = None, by: str = "user") -> Group:
         """Apply a group action (acknowledge, resolve, …) durably."""
@@ -295,13 +314,26 @@ class Store:
         """Unsilence every group whose silence has ended; return their ids."""
         return await self._submit("expire", now or time.time())
 
+    def expect(self) -> "_Expected":
+        """Announce a write that is on its way (being rendered): the writer waits a moment for it."""
+        return _Expected(self)
+
+    async def _gather(self) -> None:
+        """Before a commit, let writes already on their way join it, so one fsync covers more.
+
+        A few turns of the loop read and parse requests that have arrived; announced writes
+        (see expect) are waited for too, but never longer than _GATHER_SECONDS.
+        """
+        deadline = time.monotonic() + _GATHER_SECONDS
+        turns = 0
+        while turns < _GATHER_TURNS or (self._expected > self._queue.qsize() and time.monotonic() < deadline):
+            await asyncio.sleep(0)
+            turns += 1
+
     async def _run(self) -> None:
         while True:
             jobs = [await self._queue.get()]
-            for _ in range(_GATHER_TURNS):
-                # Let the loop run the callbacks already waiting (requests being parsed),
-                # so one fsync covers more of them.
-                await asyncio.sleep(0)
+            await self._gather()
             while len(jobs) < _BATCH_MAX and not self._queue.empty():
                 jobs.append(self._queue.get_nowait())
             stop = any(j.kind == "stop" for j in jobs)

@@ -1,0 +1,56 @@
+"""Jinja filters for the UI's own (trusted, autoescaped) page templates."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+
+def when(ts: float | None) -> str:
+    """Epoch seconds as a UTC date and time a person reads; "—" for none."""
+    if ts is None:
+        return "—"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def ago(ts: float | None, now: float | None = None) -> str:
+    """"3 min ago", for scanning a list."""
+    if ts is None:
+        return "never"
+    seconds = max(0, int((now if now is not None else time.time()) - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size} {unit} ago"
+    return f"{seconds} s ago"
+
+
+def iso_input(ts: float | None) -> str:
+    """The value of a datetime-local input (UTC)."""
+    return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M")
+
+
+def href(url: Any) -> str | None:
+    """`url` when it is safe in an href or src (http or https), else None.
+
+    Autoescaping keeps text inert, but not a javascript: URL in an attribute; links
+    built from templates and payloads pass here first.
+    """
+    if not isinstance(url, str):
+        return None
+    url = url.strip()
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return url if parts.scheme.lower() in ("http", "https") and parts.netloc else None
+
+
+def pretty(value: Any) -> str:
+    """JSON as people read it (indented, non-ASCII kept)."""
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=False)
+
+
+def filters() -> dict[str, Callable]:
+    return {"when": when, "ago": ago, "href": href, "pretty": pretty, "iso_input": iso_input}

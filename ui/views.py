@@ -1,0 +1,507 @@
+"""The UI's request handlers: server-rendered pages, a few JSON endpoints for the page
+scripts, and the guard (session, CSRF, security headers) in front of all of them."""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+from aiohttp import web
+
+from grouping.pipeline import TEMPLATE_NAMES, Integration, IntegrationError, build_integration
+from handlers.api import STATES, Api, alert_json, parse_time, render_output
+from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
+
+from . import editor
+from .auth import CSRF_FIELD, CSRF_HEADER, LOGIN_COOKIE, SESSION_COOKIE, Sessions, same, token_matches
+from .filters import filters, when
+
+HERE = Path(__file__).resolve().parent
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+GROUP_ALERTS_PAGE = 20
+RECENT_PAYLOADS = 20
+GROUPING_SAMPLE = 100
+GROUPING_SECONDS = 2.0  # all the renders of one grouping comparison, together
+FLASH_COOKIE = "tocsin_flash"
+# Grafana OnCall's silence choices.
+SILENCE_CHOICES = ((1800, "30 minutes"), (3600, "1 hour"), (7200, "2 hours"), (21600, "6 hours"),
+                   (43200, "12 hours"), (57600, "16 hours"), (86400, "24 hours"), (-1, "forever"))
+ACTION_LABELS = {"acknowledge": "Acknowledge", "unacknowledge": "Unacknowledge", "resolve": "Resolve",
+                 "unresolve": "Unresolve", "silence": "Silence", "unsilence": "Unsilence"}
+
+SECURITY_HEADERS = {
+    # Scripts and styles only from /ui/static; images from anywhere, for alerts' image_url.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: https: http:;"
+                               " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def see_other(to: str, status: int = 303) -> web.Response:
+    return web.Response(status=status, headers={"Location": to})
+
+
+def _local(next_: str | None, default: str = "/ui/groups") -> str:
+    """Only our own pages are redirect targets (no open redirect)."""
+    if next_ and next_.startswith("/ui/") and not next_.startswith("//") and "\\" not in next_:
+        return next_
+    return default
+
+
+class Views:
+    """Every /ui/ handler, over a daemon duck-typed as in setup_ui()."""
+
+    def __init__(self, daemon, *, sessions: Sessions | None = None):
+        self.daemon = daemon
+        self.sessions = sessions or Sessions()
+        self.api = Api(
+            daemon.current,
+            tokens=lambda: daemon.config.api_tokens,
+            public_url=lambda: daemon.config.daemon.public_url,
+            email_domain=lambda: daemon.config.smtp.domain if daemon.config.smtp else None,
+        )
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.env.filters.update(filters())
+        self.static_version = _static_version(HERE / "static")
+        self._login_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+
+    # -- plumbing --------------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("", self.home), web.get("/", self.home),
+            web.get("/login", self.login_form), web.post("/login", self.login),
+            web.post("/logout", self.logout),
+            web.get("/integrations", self.integrations),
+            web.get("/integrations/{id}/templates", self.templates_page),
+            web.post("/integrations/{id}/templates", self.templates_save),
+            web.post("/api/integrations/{id}/preview", self.preview),
+            web.get("/api/integrations/{id}/payload", self.sample_payload),
+            web.get("/groups", self.groups),
+            web.get("/api/groups", self.groups_json),
+            web.get("/groups/{id}", self.group),
+            web.post("/groups/{id}/{action}", self.group_action),
+            web.static("/static", HERE / "static"),
+        ]
+
+    @property
+    def public_url(self) -> str:
+        return self.daemon.config.daemon.public_url
+
+    def tokens(self) -> tuple[str, ...]:
+        return self.daemon.config.api_tokens
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler):
+        """Session on every page but login and static files; CSRF on every POST."""
+        path = request.path
+        if not (path.startswith("/ui/static/") or path == "/ui/login"):
+            session = self.sessions.check(request.cookies.get(SESSION_COOKIE), self.tokens())
+            if session is None:
+                if path.startswith("/ui/api/"):
+                    return self._headers(web.json_response({"error": "log in first"}, status=401))
+                target = request.path_qs if request.method == "GET" else "/ui/groups"
+                return self._headers(see_other("/ui/login?" + urlencode({"next": _local(target)})))
+            request["session"] = session
+            if request.method not in ("GET", "HEAD", "OPTIONS"):
+                given = request.headers.get(CSRF_HEADER)
+                if given is None and request.content_type in ("application/x-www-form-urlencoded",
+                                                              "multipart/form-data"):
+                    given = (await request.post()).get(CSRF_FIELD)
+                if not self.sessions.csrf_ok(session, given if isinstance(given, str) else None):
+                    return self._headers(self.page(request, "error.html", status=403, title="Forbidden",
+                                                   message="This form has expired or did not come from tocsin"
+                                                           " (missing or wrong CSRF token). Go back, reload the"
+                                                           " page and try again."))
+        try:
+            response = await handler(request)
+        except StoreUnavailable as exc:
+            response = self.page(request, "error.html", status=503, title="Database unavailable",
+                                 message=f"The database cannot answer now ({exc}); try again in a moment.")
+            response.headers["Retry-After"] = "5"
+        except web.HTTPException as exc:
+            if exc.status >= 400 and not path.startswith("/ui/api/") and not path.startswith("/ui/static/"):
+                response = self.page(request, "error.html", status=exc.status, title=exc.reason,
+                                     message=exc.text if exc.text and not exc.text.startswith(str(exc.status))
+                                     else exc.reason)
+            else:
+                raise self._headers(exc)
+        return self._headers(response)
+
+    def _headers(self, response):
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    def page(self, request: web.Request, template: str, *, status: int = 200, **context) -> web.Response:
+        session = request.get("session")
+        flash = request.get("flash")
+        text = self.env.get_template(template).render(
+            csrf=session.csrf if session else "",
+            logged_in=session is not None,
+            static=lambda name: f"/ui/static/{name}?v={self.static_version}",
+            section=context.pop("section", ""),
+            flash=flash,
+            **context,
+        )
+        response = web.Response(text=text, content_type="text/html", status=status)
+        if flash is not None:
+            response.del_cookie(FLASH_COOKIE, path="/ui")
+        return response
+
+    def _cookie(self, response: web.StreamResponse, name: str, value: str, max_age: int | None) -> None:
+        response.set_cookie(name, value, max_age=max_age, path="/ui", httponly=True, samesite="Strict",
+                            secure=self.public_url.lower().startswith("https://"))
+
+    def _redirect(self, to: str, notice: str | None = None, error: bool = False) -> web.Response:
+        response = see_other(to)
+        if notice:
+            # A one-shot message for the next page: a cookie, so no URL can inject one.
+            self._cookie(response, FLASH_COOKIE, json.dumps({"text": notice, "error": error}), 60)
+        return response
+
+    def _take_flash(self, request: web.Request) -> None:
+        raw = request.cookies.get(FLASH_COOKIE)
+        if raw:
+            try:
+                value = json.loads(raw)
+                request["flash"] = {"text": str(value["text"])[:500], "error": bool(value.get("error"))}
+            except (ValueError, KeyError, TypeError):
+                pass
+
+    def _integration(self, request: web.Request) -> Integration:
+        i = self.daemon.current().by_id(request.match_info["id"])
+        if i is None:
+            raise web.HTTPNotFound(text="No such integration in the running config")
+        return i
+
+    # -- login -----------------------------------------------------------------------
+
+    async def home(self, request: web.Request) -> web.Response:
+        return see_other("/ui/groups", 302)
+
+    async def login_form(self, request: web.Request, *, error: str | None = None, status: int = 200) -> web.Response:
+        nonce = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(18)
+        response = self.page(request, "login.html", status=status, title="Log in", error=error, nonce=nonce,
+                             next=_local(request.query.get("next")))
+        self._cookie(response, LOGIN_COOKIE, nonce, 3600)
+        return response
+
+    async def login(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        nonce = request.cookies.get(LOGIN_COOKIE)
+        given = form.get("_login")
+        if not nonce or not isinstance(given, str) or not same(nonce, given):
+            return await self.login_form(request, error="The login form expired; try again.", status=403)
+        token = token_matches(str(form.get("token", "")), self.tokens())
+        if token is None:
+            # One failed attempt at a time, each slowed: guessing a token from here is hopeless.
+            async with self._login_lock:
+                await asyncio.sleep(0.25)
+            return await self.login_form(request, error="Wrong token.", status=401)
+        response = see_other(_local(str(form.get("next", ""))))
+        self._cookie(response, SESSION_COOKIE, self.sessions.issue(token), int(self.sessions.lifetime))
+        response.del_cookie(LOGIN_COOKIE, path="/ui")
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        self.sessions.end(request["session"])
+        response = see_other("/ui/login")
+        response.del_cookie(SESSION_COOKIE, path="/ui")
+        return response
+
+    # -- integrations ----------------------------------------------------------------
+
+    async def integrations(self, request: web.Request) -> web.Response:
+        self._take_flash(request)
+        pipeline = self.daemon.current()
+        store = pipeline.store
+        open_counts: dict[str, dict[str, int]] = {}
+        for iid, state, n in await store.count_open_groups():
+            open_counts.setdefault(iid, {})[state] = n
+        beats = await store.heartbeats()
+        rows = []
+        for i in pipeline.integrations.values():
+            counts = open_counts.get(i.id, {})
+            rows.append({
+                "integration": i,
+                "json": self.api.integration_json(i),
+                "open": sum(counts.values()),
+                "open_by_state": counts,
+                "heartbeat": beats.get(i.id),
+            })
+        return self.page(request, "integrations.html", title="Integrations", section="integrations", rows=rows)
+
+    # -- template editor -------------------------------------------------------------
+
+    async def templates_page(self, request: web.Request) -> web.Response:
+        self._take_flash(request)
+        return await self._editor(request, self._integration(request))
+
+    async def _editor(self, request, i: Integration, *, edited: dict[str, str] | None = None,
+                      errors: dict[str, str] | None = None, block: str | None = None,
+                      result: dict | None = None, config_digest: str | None = None, status: int = 200):
+        store = self.daemon.current().store
+        _, recent = await store.list_alerts(integration_id=i.id, newest_first=True, limit=RECENT_PAYLOADS)
+        first = alert_json(recent[0])["payload"] if recent else i.kind.example_payload_copy()
+        path = Path(self.daemon.config.path)
+        rows = []
+        for name in TEMPLATE_NAMES:
+            default = i.kind.templates.get(name) or ""
+            text = edited[name] if edited is not None else (i.sources.get(name) or "")
+            rows.append({"name": name, "text": text, "default": default,
+                         "overridden": name in i.overrides, "error": (errors or {}).get(name)})
+        return self.page(
+            request, "editor.html", status=status, title=f"Templates · {i.name}", section="integrations",
+            integration=i, rows=rows, recent=recent, payload=json.dumps(first, indent=2, ensure_ascii=False),
+            config_path=str(path), writable=editor.writable(path),
+            config_digest=config_digest or editor.file_digest(path) or "",
+            block=block, result=result,
+        )
+
+    def _edited(self, source: dict) -> dict[str, str]:
+        return {n: editor.normalize(v) for n in TEMPLATE_NAMES if isinstance(v := source.get(n), str)}
+
+    async def templates_save(self, request: web.Request) -> web.Response:
+        i = self._integration(request)
+        form = await request.post()
+        edited = self._edited({n: form.get(f"tpl_{n}") for n in TEMPLATE_NAMES})
+        errors = editor.compile_errors(edited)
+        if errors:
+            return await self._editor(request, i, edited=edited, errors=errors, status=400,
+                                      config_digest=str(form.get("config_digest", "")))
+        overrides = editor.overrides_from(i.kind, edited)
+        block = editor.toml_block(i.id, overrides)
+        if form.get("action") != "write":
+            return await self._editor(request, i, edited=edited, block=block,
+                                      config_digest=str(form.get("config_digest", "")))
+        path = Path(self.daemon.config.path)
+        async with self._write_lock:
+            try:
+                new_digest = editor.write_templates(path, i.id, overrides, str(form.get("config_digest", "")) or None)
+            except editor.EditError as exc:
+                return await self._editor(request, i, edited=edited, block=block, status=409,
+                                          result={"ok": False, "text": str(exc)},
+                                          config_digest=str(form.get("config_digest", "")))
+            reloaded = self.daemon.reload(path)
+        if reloaded:
+            self._take_flash(request)
+            fresh = self.daemon.current().by_id(i.id) or i
+            return await self._editor(request, fresh, result={
+                "ok": True, "text": f"Written to {path} and reloaded: the new templates apply to the next alert."},
+                config_digest=new_digest)
+        return await self._editor(request, i, edited=edited, block=block, config_digest=new_digest, result={
+            "ok": False, "text": f"Written to {path}, but the reload was refused (see the daemon's log);"
+                                 " the previous config keeps running."})
+
+    async def sample_payload(self, request: web.Request) -> web.Response:
+        i = self._integration(request)
+        alert_id = request.query.get("alert_id")
+        if not alert_id:
+            return web.json_response({"payload": i.kind.example_payload_copy()})
+        found = (await self.daemon.current().store.alerts_by_id([alert_id])).get(alert_id)
+        if found is None:
+            return web.json_response({"error": "no such alert"}, status=404)
+        return web.json_response({"payload": alert_json(found)["payload"]})
+
+    async def preview(self, request: web.Request) -> web.Response:
+        """What the edited templates decide for a payload, and how they would group recent alerts."""
+        i = self._integration(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "send a JSON object"}, status=400)
+        if not isinstance(body, dict) or not isinstance(body.get("templates", {}), dict):
+            return web.json_response({"error": "send {\"templates\": {…}, \"payload\": \"…\"}"}, status=400)
+        edited = self._edited(body.get("templates", {}))
+        errors = editor.compile_errors(edited)
+        # A template that does not compile is shown as such, and the running one stands in for it.
+        usable = {n: (i.sources.get(n) or "") if n in errors else v for n, v in edited.items()}
+        try:
+            candidate = build_integration(i.id, i.name, i.kind.slug, i.token,
+                                          editor.overrides_from(i.kind, {**{n: i.sources.get(n) or "" for n in TEMPLATE_NAMES}, **usable}))
+        except IntegrationError as exc:  # not expected: each text compiled above
+            return web.json_response({"error": str(exc)}, status=400)
+        out: dict[str, Any] = {"compile_errors": errors}
+        pipeline = self.daemon.current()
+        text = body.get("payload", "")
+        try:
+            payload = json.loads(text) if isinstance(text, str) else text
+        except ValueError as exc:
+            out["payload_error"] = f"the payload is not JSON: {exc}"
+        else:
+            out.update(render_output(await pipeline.decide(candidate, payload, full=True)))
+        out["groups"] = await self._compare_grouping(i, candidate)
+        return web.json_response(out)
+
+    async def _compare_grouping(self, current: Integration, candidate: Integration) -> dict:
+        _, alerts = await self.daemon.current().store.list_alerts(integration_id=current.id, newest_first=True,
+                                                                   limit=GROUPING_SAMPLE)
+        payloads = [alert_json(a)["payload"] for a in alerts]
+        (now_n, edited_n), evaluated = await asyncio.get_running_loop().run_in_executor(
+            None, editor.count_groups,
+            (current.templates.get("grouping_id"), candidate.templates.get("grouping_id")),
+            payloads, GROUPING_SECONDS,
+        )
+        return {"alerts": len(payloads), "evaluated": evaluated, "current": now_n, "edited": edited_n}
+
+    # -- alert groups ----------------------------------------------------------------
+
+    def _group_filters(self, request: web.Request) -> tuple[dict, dict, list[str]]:
+        """(store query, the filters as the form shows them, problems) from the query string."""
+        q = request.query
+        shown = {k: q.get(k, "") for k in ("state", "integration", "since", "until")}
+        query: dict[str, Any] = {}
+        problems = []
+        if shown["state"]:
+            if shown["state"] in STATES:
+                query["state"] = shown["state"]
+            else:
+                problems.append(f"unknown state '{shown['state']}'")
+        if shown["integration"]:
+            query["integration_id"] = shown["integration"]
+        for key, arg in (("since", "since"), ("until", "until")):
+            if shown[key]:
+                try:
+                    query[arg] = parse_time(shown[key])
+                except ValueError:
+                    problems.append(f"'{shown[key]}' is not a date and time")
+        try:
+            page = max(1, int(q.get("page", "1")))
+            size = min(MAX_PAGE_SIZE, max(1, int(q.get("perpage", str(PAGE_SIZE)))))
+        except ValueError:
+            page, size = 1, PAGE_SIZE
+            problems.append("page and perpage must be numbers")
+        query.update(limit=size, offset=(page - 1) * size)
+        shown.update(page=page, perpage=size)
+        return query, shown, problems
+
+    async def _groups_context(self, request: web.Request) -> dict:
+        query, shown, problems = self._group_filters(request)
+        pipeline = self.daemon.current()
+        count, groups = await pipeline.store.list_groups(**query)
+        size, page = shown["perpage"], shown["page"]
+        pages = max(1, -(-count // size))
+        keep = {k: v for k, v in shown.items() if v and k not in ("page", "perpage")}
+        if size != PAGE_SIZE:
+            keep["perpage"] = size
+
+        def link(n: int) -> str | None:
+            return "/ui/groups?" + urlencode({**keep, "page": n}) if 1 <= n <= pages and n != page else None
+
+        names = {iid: i.name for iid, i in pipeline.integrations.items()}
+        here = "/ui/groups?" + urlencode({**keep, "page": page})
+        return {
+            "groups": groups, "count": count, "page": page, "pages": pages, "filters": shown,
+            "problems": problems, "names": names, "states": STATES, "here": here,
+            "links": {"first": link(1), "previous": link(page - 1), "next": link(page + 1), "last": link(pages)},
+            "refresh": "/ui/api/groups?" + urlencode({**keep, "page": page}),
+            "allowed": ALLOWED_FROM, "silence_choices": SILENCE_CHOICES, "labels": ACTION_LABELS,
+        }
+
+    async def groups(self, request: web.Request) -> web.Response:
+        self._take_flash(request)
+        context = await self._groups_context(request)
+        return self.page(request, "groups.html", title="Alert groups", section="groups",
+                         integrations=self.daemon.current().integrations, **context)
+
+    async def groups_json(self, request: web.Request) -> web.Response:
+        """The groups table for the page's auto-refresh: the rendered rows and the API's JSON."""
+        context = await self._groups_context(request)
+        html = self.env.get_template("_groups_table.html").render(
+            csrf=request["session"].csrf, **context)
+        return web.json_response({"count": context["count"], "page": context["page"], "pages": context["pages"],
+                                  "results": await self.api.group_json(context["groups"]), "html": html})
+
+    async def group(self, request: web.Request) -> web.Response:
+        self._take_flash(request)
+        pipeline = self.daemon.current()
+        g = await pipeline.store.get_group(request.match_info["id"])
+        if g is None:
+            raise web.HTTPNotFound(text="No such alert group")
+        try:
+            page = max(1, int(request.query.get("page", "1")))
+        except ValueError:
+            page = 1
+        count, alerts = await pipeline.store.list_alerts(alert_group_id=g.id, newest_first=True,
+                                                         limit=GROUP_ALERTS_PAGE,
+                                                         offset=(page - 1) * GROUP_ALERTS_PAGE)
+        integration = pipeline.by_id(g.integration_id)
+        shown = []
+        for a in alerts:
+            payload = alert_json(a)["payload"]
+            decision = None
+            if integration is not None:
+                decision = render_output(await pipeline.decide(integration, payload, full=True,
+                                                               alert_group_id=g.id))
+            shown.append({"alert": a, "payload": payload, "decision": decision})
+        timeline = [(g.created_at, "created", None)]
+        if g.acknowledged_at:
+            timeline.append((g.acknowledged_at, "acknowledged", g.acknowledged_by))
+        if g.silenced_at:
+            timeline.append((g.silenced_at, "silenced",
+                             "until " + when(g.silenced_until) if g.silenced_until else "forever"))
+        if g.resolved_at:
+            timeline.append((g.resolved_at, "resolved", g.resolved_by))
+        if g.last_alert_at and g.alerts_count > 1:
+            timeline.append((g.last_alert_at, "last alert", f"{g.alerts_count} alerts in all"))
+        timeline.sort(key=lambda t: t[0])
+        pages = max(1, -(-count // GROUP_ALERTS_PAGE))
+        source_link = next((s["decision"]["source_link"] for s in shown if s["decision"]), None) if page == 1 else None
+        return self.page(
+            request, "group.html", title=g.title or g.id, section="groups", g=g, integration=integration,
+            alerts=shown, alerts_count=count, page=page, pages=pages, timeline=timeline, source_link=source_link,
+            allowed=ALLOWED_FROM, silence_choices=SILENCE_CHOICES, labels=ACTION_LABELS,
+            here=f"/ui/groups/{g.id}",
+        )
+
+    async def group_action(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        group_id, action = request.match_info["id"], request.match_info["action"]
+        back = _local(str(form.get("next", "")), f"/ui/groups/{group_id}")
+        if action not in ALLOWED_FROM:
+            raise web.HTTPNotFound(text=f"No such action '{action}'")
+        delay = None
+        if action == "silence":
+            try:
+                delay = int(str(form.get("delay", "")))
+            except ValueError:
+                delay = 0
+            if delay < -1 or delay == 0:
+                return self._redirect(back, "Choose how long to silence for.", error=True)
+        try:
+            await self.daemon.current().store.act(group_id, action, delay=delay)
+        except NotFound as exc:
+            return self._redirect(back, str(exc), error=True)
+        except InvalidTransition as exc:
+            return self._redirect(back, str(exc), error=True)
+        done = {"acknowledge": "acknowledged", "unacknowledge": "unacknowledged", "resolve": "resolved",
+                "unresolve": "unresolved", "silence": "silenced", "unsilence": "unsilenced"}[action]
+        return self._redirect(back, f"Alert group {group_id} {done}.")
+
+
+def _static_version(folder: Path) -> str:
+    """Changes whenever a static file does, so browsers never run a stale script."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
