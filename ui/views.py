@@ -29,6 +29,10 @@ RECENT_PAYLOADS = 20
 GROUPING_SAMPLE = 100
 GROUPING_SECONDS = 2.0  # all the renders of one grouping comparison, together
 FLASH_COOKIE = "tocsin_flash"
+# Per-request storage keys (web.RequestKey where aiohttp has it, plain strings before).
+_key = getattr(web, "RequestKey", None)
+SESSION = _key("session", object) if _key else "session"
+FLASH = _key("flash", object) if _key else "flash"
 # Grafana OnCall's silence choices.
 SILENCE_CHOICES = ((1800, "30 minutes"), (3600, "1 hour"), (7200, "2 hours"), (21600, "6 hours"),
                    (43200, "12 hours"), (57600, "16 hours"), (86400, "24 hours"), (-1, "forever"))
@@ -118,7 +122,7 @@ class Views:
                     return self._headers(web.json_response({"error": "log in first"}, status=401))
                 target = request.path_qs if request.method == "GET" else "/ui/groups"
                 return self._headers(see_other("/ui/login?" + urlencode({"next": _local(target)})))
-            request["session"] = session
+            request[SESSION] = session
             if request.method not in ("GET", "HEAD", "OPTIONS"):
                 given = request.headers.get(CSRF_HEADER)
                 if given is None and request.content_type in ("application/x-www-form-urlencoded",
@@ -150,8 +154,8 @@ class Views:
         return response
 
     def page(self, request: web.Request, template: str, *, status: int = 200, **context) -> web.Response:
-        session = request.get("session")
-        flash = request.get("flash")
+        session = request.get(SESSION)
+        flash = request.get(FLASH)
         text = self.env.get_template(template).render(
             csrf=session.csrf if session else "",
             logged_in=session is not None,
@@ -181,7 +185,7 @@ class Views:
         if raw:
             try:
                 value = json.loads(raw)
-                request["flash"] = {"text": str(value["text"])[:500], "error": bool(value.get("error"))}
+                request[FLASH] = {"text": str(value["text"])[:500], "error": bool(value.get("error"))}
             except (ValueError, KeyError, TypeError):
                 pass
 
@@ -221,7 +225,7 @@ class Views:
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
-        self.sessions.end(request["session"])
+        self.sessions.end(request[SESSION])
         response = see_other("/ui/login")
         response.del_cookie(SESSION_COOKIE, path="/ui")
         return response
@@ -275,13 +279,15 @@ class Views:
             block=block, result=result,
         )
 
-    def _edited(self, source: dict) -> dict[str, str]:
-        return {n: editor.normalize(v) for n in TEMPLATE_NAMES if isinstance(v := source.get(n), str)}
+    def _edited(self, i: Integration, source: dict) -> dict[str, str]:
+        """Every template's text: as edited, or as it runs now when the request leaves it out."""
+        return {n: editor.normalize(v) if isinstance(v := source.get(n), str) else (i.sources.get(n) or "")
+                for n in TEMPLATE_NAMES}
 
     async def templates_save(self, request: web.Request) -> web.Response:
         i = self._integration(request)
         form = await request.post()
-        edited = self._edited({n: form.get(f"tpl_{n}") for n in TEMPLATE_NAMES})
+        edited = self._edited(i, {n: form.get(f"tpl_{n}") for n in TEMPLATE_NAMES})
         errors = editor.compile_errors(edited)
         if errors:
             return await self._editor(request, i, edited=edited, errors=errors, status=400,
@@ -329,13 +335,12 @@ class Views:
             return web.json_response({"error": "send a JSON object"}, status=400)
         if not isinstance(body, dict) or not isinstance(body.get("templates", {}), dict):
             return web.json_response({"error": "send {\"templates\": {…}, \"payload\": \"…\"}"}, status=400)
-        edited = self._edited(body.get("templates", {}))
+        edited = self._edited(i, body.get("templates", {}))
         errors = editor.compile_errors(edited)
         # A template that does not compile is shown as such, and the running one stands in for it.
         usable = {n: (i.sources.get(n) or "") if n in errors else v for n, v in edited.items()}
         try:
-            candidate = build_integration(i.id, i.name, i.kind.slug, i.token,
-                                          editor.overrides_from(i.kind, {**{n: i.sources.get(n) or "" for n in TEMPLATE_NAMES}, **usable}))
+            candidate = build_integration(i.id, i.name, i.kind.slug, i.token, editor.overrides_from(i.kind, usable))
         except IntegrationError as exc:  # not expected: each text compiled above
             return web.json_response({"error": str(exc)}, status=400)
         out: dict[str, Any] = {"compile_errors": errors}
@@ -425,7 +430,7 @@ class Views:
         """The groups table for the page's auto-refresh: the rendered rows and the API's JSON."""
         context = await self._groups_context(request)
         html = self.env.get_template("_groups_table.html").render(
-            csrf=request["session"].csrf, **context)
+            csrf=request[SESSION].csrf, **context)
         return web.json_response({"count": context["count"], "page": context["page"], "pages": context["pages"],
                                   "results": await self.api.group_json(context["groups"]), "html": html})
 

@@ -1,0 +1,1 @@
+"""What follows a new alert group: routes, escalation chains, notifiers, heartbeats, maintenance."""
