@@ -16,11 +16,13 @@ from aiohttp import web
 
 from grouping.kinds import KINDS
 from grouping.limits import Limiter, parse_rate
+from grouping.routes import compile_route
 from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration
 from grouping.templates import TemplateCompileError, compile_template
 from handlers.api import Api
 from handlers.http import GatedSite, Ingress
 from handlers.metrics import Metrics
+from escalation.engine import Engine
 from store import Store
 from ui import setup_ui
 
@@ -32,11 +34,16 @@ log = logging.getLogger("tocsin")
 def build_integrations(config: cfg.Config) -> list[Integration]:
     """Compile every integration; raise ConfigError listing each template that fails."""
     out, problems = [], []
+    snapshots = {c.name: c.to_json() for c in config.escalations}
     for ic in config.integrations:
         try:
-            out.append(build_integration(ic.id, ic.name, ic.kind, ic.token, ic.templates))
-        except IntegrationError as exc:
-            problems.extend(str(exc).splitlines())
+            routes = tuple(compile_route(r.id, condition=r.condition, regex_text=r.regex, escalation=r.escalation)
+                           for r in ic.routes)
+            chains = {r.id: snapshots[r.escalation] for r in routes if r.escalation in snapshots}
+            out.append(build_integration(ic.id, ic.name, ic.kind, ic.token, ic.templates, routes, chains))
+        except (IntegrationError, ValueError) as exc:
+            problems.extend(f"integration '{ic.id}': {line}" if not str(line).startswith("integration") else line
+                            for line in str(exc).splitlines())
     if problems:
         raise cfg.ConfigError(problems)
     return out
@@ -70,6 +77,13 @@ class Daemon:
         self.store = Store(config.daemon.database)
         self.metrics = Metrics()
         self.limiter = Limiter()
+        self.engine = Engine(
+            self.store, self.current,
+            get_notifiers=lambda: {n.name: n for n in self.config.notifiers},
+            public_url=lambda: self.config.daemon.public_url,
+            heartbeat_timeouts=lambda: {i.id: i.heartbeat_timeout for i in self.config.integrations
+                                        if i.heartbeat_timeout},
+        )
         self.store.on_commit = self.metrics.committed
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
         self.pipeline: Pipeline | None = None
@@ -85,6 +99,7 @@ class Daemon:
         return self.pipeline
 
     def _make_pipeline(self, config: cfg.Config) -> Pipeline:
+        self.store.lifecycle_events = {n.name: frozenset(n.events) for n in config.notifiers}
         self.limiter.configure({i.id: _rate_spec(i.rate_limit, config.daemon.rate_limit) for i in config.integrations})
         return Pipeline(build_integrations(config), self.store,
                         render_budget=config.daemon.render_budget, executor=self.executor,
@@ -101,7 +116,8 @@ class Daemon:
         )
         app = web.Application(client_max_size=c.http.max_body_bytes)
         app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
-                               body_timeout=c.http.body_timeout).routes())
+                               body_timeout=c.http.body_timeout,
+                               on_heartbeat=self.engine.heartbeat_received).routes())
         app.add_routes(api.routes())
         app.add_routes([
             web.get("/healthz", self.healthz),
@@ -138,6 +154,7 @@ class Daemon:
             await self._smtp.start()
             self.smtp_port = self._smtp.port
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        await self.engine.start()
         log.info("tocsin ready http=%s:%s smtp=%s integrations=%d", c.http.host, self.http_port,
                  f"{c.smtp.host}:{self.smtp_port}" if c.smtp else "off", len(c.integrations))
 
@@ -178,6 +195,7 @@ class Daemon:
         """Drain: stop accepting, finish in-flight requests and commits, close."""
         for task in self._tasks:
             task.cancel()
+        await self.engine.stop()
         if self._smtp is not None:
             await self._smtp.stop(self.config.daemon.shutdown_timeout)
         if self._runner is not None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from escalation.chains import Chain, parse_chain
+from escalation.notifiers import NotifierConfig, parse_notifier
 from grouping.limits import parse_duration, parse_rate
 
 TEMPLATE_NAMES = (
@@ -77,6 +79,16 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    """One [[integrations.routes]] entry; neither condition nor regex: the default route."""
+
+    id: str
+    condition: str | None = None
+    regex: str | None = None
+    escalation: str | None = None
+
+
+@dataclass(frozen=True)
 class IntegrationConfig:
     id: str
     name: str
@@ -84,6 +96,8 @@ class IntegrationConfig:
     token: str
     templates: dict[str, str] = field(default_factory=dict)
     rate_limit: str | None = None
+    routes: tuple[RouteConfig, ...] = ()
+    heartbeat_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,8 @@ class Config:
     smtp: SmtpConfig | None
     api_tokens: tuple[str, ...]
     integrations: tuple[IntegrationConfig, ...]
+    escalations: tuple[Chain, ...] = ()
+    notifiers: tuple[NotifierConfig, ...] = ()
 
     def integration(self, integration_id: str) -> IntegrationConfig | None:
         return next((i for i in self.integrations if i.id == integration_id), None)
@@ -180,6 +196,52 @@ def _duration(text: str | None, where: str, key: str, problems: list[str]) -> fl
         return None
 
 
+def _heartbeat(text: str | None, where: str, problems: list[str]) -> float | None:
+    if text is None or text.strip().lower() == "off":
+        return None
+    seconds = _duration(text, where, "heartbeat_timeout", problems)
+    if seconds is not None and seconds <= 0:
+        problems.append(f"{where}: 'heartbeat_timeout' must be positive (or \"off\")")
+        return None
+    return seconds
+
+
+def _routes(tables: list, iid: str, where: str, problems: list[str], chains: set[str],
+            check_template) -> tuple[RouteConfig, ...]:
+    """Routes in order; the default route (no condition, no regex) must be last."""
+    out: list[RouteConfig] = []
+    for n, table in enumerate(tables, start=1):
+        here = f"{where} route #{n}"
+        r = _Reader(problems, here, table)
+        rid = r.get("id", str, f"{iid}-route-{n}")
+        condition = r.get("condition", str)
+        regex_text = r.get("regex", str)
+        escalation = r.get("escalation", str)
+        r.finish()
+        if condition is not None and regex_text is not None:
+            problems.append(f"{here}: give 'condition' or 'regex', not both")
+        if escalation is not None and escalation not in chains:
+            problems.append(f"{here}: unknown escalation '{escalation}'")
+        if condition is not None and check_template is not None and (problem := check_template(condition)):
+            problems.append(f"{here}: condition: {problem}")
+        if regex_text is not None:
+            import regex as _regex
+
+            try:
+                _regex.compile(regex_text)
+            except _regex.error as exc:
+                problems.append(f"{here}: invalid regex: {exc}")
+        if any(x.id == rid for x in out):
+            problems.append(f"{here}: duplicate route id '{rid}'")
+        out.append(RouteConfig(rid, condition, regex_text, escalation))
+    defaults = [i for i, x in enumerate(out) if x.condition is None and x.regex is None]
+    if len(defaults) > 1:
+        problems.append(f"{where}: more than one default route (a route without condition or regex)")
+    elif defaults and defaults[0] != len(out) - 1:
+        problems.append(f"{where}: the default route (no condition or regex) must come last")
+    return tuple(out)
+
+
 def load(path: str | Path, known_kinds: frozenset[str] | None = None, check_template=None) -> Config:
     """Read and validate config.toml; raise ConfigError listing every problem."""
     path = Path(path).resolve()
@@ -263,6 +325,23 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
         tokens = [t for t in tokens if isinstance(t, str) and t]
     a.finish()
 
+    notifiers: list[NotifierConfig] = []
+    for n, table in enumerate(top.get("notifiers", list, [])):
+        notifier = parse_notifier(table, f"[[notifiers]] #{n + 1}", problems)
+        if notifier is not None:
+            if any(x.name == notifier.name for x in notifiers):
+                problems.append(f"notifier '{notifier.name}': duplicate name")
+            notifiers.append(notifier)
+    notifier_names = {x.name for x in notifiers}
+    chains: list[Chain] = []
+    for n, table in enumerate(top.get("escalations", list, [])):
+        chain = parse_chain(table, f"[[escalations]] #{n + 1}", problems, notifier_names)
+        if chain is not None:
+            if any(c.name == chain.name for c in chains):
+                problems.append(f"escalation '{chain.name}': duplicate name")
+            chains.append(chain)
+    chain_names = {c.name for c in chains}
+
     integrations = []
     seen_ids: set[str] = set()
     seen_tokens: dict[str, str] = {}
@@ -316,6 +395,8 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
                 token=token or "",
                 templates={k: v for k, v in templates.items() if k in TEMPLATE_NAMES and isinstance(v, str)},
                 rate_limit=_rate(r.get("rate_limit", str), where, problems),
+                routes=_routes(r.get("routes", list, []), iid, where, problems, chain_names, check_template),
+                heartbeat_timeout=_heartbeat(r.get("heartbeat_timeout", str), where, problems),
             )
         )
         r.finish()
@@ -330,4 +411,6 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
         smtp=smtp,
         api_tokens=tuple(tokens),
         integrations=tuple(integrations),
+        escalations=tuple(chains),
+        notifiers=tuple(notifiers),
     )

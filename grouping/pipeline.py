@@ -19,6 +19,7 @@ from store import NewAlert, Store, StoreUnavailable
 
 from .kinds import KINDS, Kind, count_alerts, split_alerts
 from .limits import Limiter
+from .routes import Route, choose
 from .templates import (
     Budget,
     NeedsMoreTime,
@@ -70,10 +71,15 @@ class Integration:
     templates: Mapping[str, Any]       # name -> compiled template, or None
     sources: Mapping[str, str | None]  # name -> effective template text
     overrides: Mapping[str, str] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()     # in order, the default route last
+    chains: Mapping[str, str] = field(default_factory=dict)  # route id -> escalation snapshot (JSON)
 
 
-def build_integration(id: str, name: str, kind: str, token: str, templates: Mapping[str, str]) -> Integration:
-    """Compile an integration's templates; raise IntegrationError naming each bad one."""
+def build_integration(id: str, name: str, kind: str, token: str, templates: Mapping[str, str],
+                      routes: tuple[Route, ...] = (), chains: Mapping[str, str] | None = None) -> Integration:
+    """Compile an integration's templates; raise IntegrationError naming each bad one.
+
+    Without a default route, one is added (id `<integration>-default`, no escalation)."""
     if kind not in KINDS:
         raise IntegrationError(f"integration '{id}': unknown kind '{kind}'")
     k = KINDS[kind]
@@ -90,7 +96,9 @@ def build_integration(id: str, name: str, kind: str, token: str, templates: Mapp
             problems.append(f"integration '{id}': template '{tname}': {exc}")
     if problems:
         raise IntegrationError("\n".join(problems))
-    return Integration(id, name, k, token, compiled, sources, dict(templates))
+    if not any(r.is_default for r in routes):
+        routes = (*routes, Route(f"{id}-default", None))
+    return Integration(id, name, k, token, compiled, sources, dict(templates), tuple(routes), dict(chains or {}))
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,8 @@ def decide(
     resolve = run("resolve_condition", base)
     ack = run("acknowledge_condition", base)
     key = grouping_key_of(grouping_id if grouped else None)
+    route = choose(integration.routes, payload, budget) if integration.routes else None
+    route_id = route.id if route is not None else None
 
     if not full:
         # The title cached on a new group sees the payload only (Grafana OnCall's web_title_cache).
@@ -164,7 +174,7 @@ def decide(
         return Decision(
             grouping_id=grouping_id, grouping_key=key,
             resolve=bool(resolve and is_truthy(resolve)), acknowledge=bool(ack and is_truthy(ack)),
-            title=_appearance(title) if title else None, errors=errors,
+            title=_appearance(title) if title else None, route=route_id, errors=errors,
         )
 
     link = run("source_link", base)
@@ -189,6 +199,7 @@ def decide(
         source_link=source_link,
         message=_appearance(message) if message else None,
         image_url=_appearance(image) if image else None,
+        route=route_id,
         errors=errors,
     )
 
@@ -324,6 +335,7 @@ class Pipeline:
             acknowledge=d.acknowledge,
             title=d.title,
             route_id=d.route,
+            escalation=integration.chains.get(d.route) if d.route else None,
             source=source,
             raw=raw,
         )

@@ -85,6 +85,9 @@ class Api:
             ("/api/v1/integrations", self.list_integrations, "GET"),
             ("/api/v1/integrations/{id}", self.get_integration, "GET"),
             ("/api/v1/integrations/{id}/preview", self.preview, "POST"),
+            ("/api/v1/integrations/{id}/maintenance_start", self.maintenance_start, "POST"),
+            ("/api/v1/integrations/{id}/maintenance_stop", self.maintenance_stop, "POST"),
+            ("/api/v1/alert_groups/{id}/timeline", self.timeline, "GET"),
             ("/api/v1/alert_groups", self.list_groups, "GET"),
             ("/api/v1/alert_groups/{id}", self.get_group, "GET"),
             ("/api/v1/alert_groups/{id}/{action}", self.group_action, "POST"),
@@ -122,6 +125,8 @@ class Api:
         link = f"{base}/integrations/v1/{i.kind.slug}/{i.token}/"
         domain = self.email_domain()
         o = i.overrides
+        maintenance = self.get_pipeline().store.maintenance.get(i.id)
+        default = next((r for r in i.routes if r.is_default), None)
         return {
             "id": i.id,
             "name": i.name,
@@ -130,9 +135,15 @@ class Api:
             "link": link,
             "inbound_email": f"{i.token}@{domain}" if domain else None,
             "heartbeat": {"link": f"{link}heartbeat/"},
-            "maintenance_mode": None,
-            "maintenance_started_at": None,
-            "maintenance_end_at": None,
+            "maintenance_mode": maintenance["mode"] if maintenance else None,
+            "maintenance_started_at": iso(maintenance["started_at"]) if maintenance else None,
+            "maintenance_end_at": iso(maintenance["ends_at"]) if maintenance else None,
+            "default_route": {"id": default.id, "escalation_chain_id": default.escalation} if default else None,
+            "routes": [
+                {"id": r.id, "position": n, "routing_type": "jinja2" if r.condition is not None else "regex",
+                 "routing_regex": r.source, "escalation_chain_id": r.escalation, "is_the_last_route": r.is_default}
+                for n, r in enumerate(i.routes)
+            ],
             "templates": {
                 **{api: o.get(name) for name, api in _API_TEMPLATE_NAMES.items()},
                 "web": {"title": o.get("title"), "message": o.get("message"), "image_url": o.get("image_url")},
@@ -171,12 +182,40 @@ class Api:
                 if unknown:
                     return error(400, f"unknown template(s): {', '.join(sorted(unknown))}")
                 integration = build_integration(integration.id, integration.name, integration.kind.slug,
-                                                 integration.token, merged)
+                                                 integration.token, merged, integration.routes, integration.chains)
             except IntegrationError as exc:
                 return error(400, str(exc))
         pipeline = self.get_pipeline()
         d = await pipeline.decide(integration, body["payload"], full=True)
         return web.json_response(render_output(d))
+
+    async def maintenance_start(self, request: web.Request) -> web.Response:
+        integration = self._integration(request)
+        try:
+            raw = await read_body(request, 65536)
+            body = parse_json_body(raw)[0] if raw.strip() else {}
+        except BadBody as exc:
+            return error(exc.status, str(exc))
+        mode = body.get("mode") if isinstance(body, dict) else None
+        duration = body.get("duration") if isinstance(body, dict) else None
+        if mode not in ("debug", "maintenance"):
+            return error(400, "mode must be \"debug\" or \"maintenance\"")
+        if not isinstance(duration, (int, float)) or isinstance(duration, bool) or duration <= 0:
+            return error(400, "duration must be a positive number of seconds")
+        title = f"Maintenance of {integration.name} for {_human(duration)}"
+        try:
+            await self.get_pipeline().store.maintenance_start(integration.id, mode, float(duration), title)
+        except InvalidTransition as exc:
+            return error(400, str(exc))
+        return web.json_response(self.integration_json(integration))
+
+    async def maintenance_stop(self, request: web.Request) -> web.Response:
+        integration = self._integration(request)
+        try:
+            await self.get_pipeline().store.maintenance_stop(integration.id)
+        except InvalidTransition as exc:
+            return error(400, str(exc))
+        return web.json_response(self.integration_json(integration))
 
     # -- alert groups ----------------------------------------------------------------
 
@@ -280,6 +319,26 @@ class Api:
         g = await self.get_pipeline().store.get_group(request.match_info["id"])
         return web.json_response((await self.group_json([g]))[0])
 
+    async def timeline(self, request: web.Request) -> web.Response:
+        """The group's story: creation and route, escalation steps, every notification
+        attempt and its outcome, state changes and who made them."""
+        store = self.get_pipeline().store
+        g = await store.get_group(request.match_info["id"])
+        if g is None:
+            return error(404, "Alert group not found")
+        entries = [{"at": iso(g.created_at), "event": "created",
+                    "detail": {"integration_id": g.integration_id, "route_id": g.route_id}}]
+        entries += [{"at": iso(e["at"]), "event": e["event"], "detail": e["detail"]}
+                    for e in await store.timeline(g.id)]
+        escalation = await store.escalation_of(g.id)
+        if escalation is not None:
+            escalation["due_at"] = iso(escalation["due_at"])
+        return web.json_response({
+            "alert_group_id": g.id, "state": g.state, "escalation": escalation,
+            "notifications": [{**n, "created_at": iso(n["created_at"])} for n in await store.notifications_of(g.id)],
+            "results": entries,
+        })
+
     # -- alerts ----------------------------------------------------------------------
 
     async def list_alerts(self, request: web.Request) -> web.Response:
@@ -289,6 +348,13 @@ class Api:
             integration_id=request.query.get("integration_id"), limit=size, offset=offset,
         )
         return web.json_response(self.page(request, count, [alert_json(a) for a in alerts], page, size))
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 def render_standalone(integration: Integration, payload: Any, budget_seconds: float = 1.0) -> dict:

@@ -134,8 +134,9 @@ class Ingress:
     """The integration endpoints, over whichever pipeline is current."""
 
     def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int, hooks=None,
-                 body_timeout: float = BODY_TIMEOUT):
+                 body_timeout: float = BODY_TIMEOUT, on_heartbeat=None):
         self.get_pipeline = get_pipeline
+        self.on_heartbeat = on_heartbeat  # optional coroutine (integration, previous state)
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
         self.hooks = hooks  # optional: .accepted(integration, n, source), .rejected(integration_id, source, reason)
@@ -208,7 +209,9 @@ class Ingress:
             return error(400, f"This url is for integration with {request.match_info['kind']}."
                               f" Key is for {integration.kind.slug}")
         try:
-            await pipeline.store.heartbeat(integration.id)
+            previous = await pipeline.store.heartbeat(integration.id)
+            if self.on_heartbeat is not None:
+                await self.on_heartbeat(integration, previous)
         except Exception as exc:  # noqa: BLE001 - any storage trouble means "retry"
             return error(503, f"storage unavailable, retry later: {exc}", headers={"Retry-After": "5"})
         return web.json_response(":)")

@@ -8,6 +8,7 @@ future resolves only after that commit, so a caller's "accepted" means "on disk"
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
@@ -76,6 +77,7 @@ class Group:
     silenced_until: float | None = None
     last_alert_id: str | None = None
     last_alert_at: float | None = None
+    root_group_id: str | None = None  # the maintenance group this one is attached to
 
 
 GROUP_COLUMNS = tuple(f.name for f in fields(Group))
@@ -103,6 +105,7 @@ class NewAlert:
     source: str = "http"
     raw: bytes | None = None
     received_at: float = field(default_factory=time.time)
+    escalation: str | None = None  # the route's chain snapshot (JSON), started if a group is created
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,11 @@ class _Batch:
         self.heartbeats: dict[str, float] = {}
         self.prune: tuple[float, int] | None = None  # (resolved before, at most this many groups)
         self.pruned: int = 0
+        self.escalations: list[tuple] = []    # new escalation rows
+        self.statements: list[tuple[str, tuple]] = []  # run in order after the inserts
+        self.timeline: list[tuple] = []
+        self.notifications: list[tuple] = []
+        self.resume: set[str] = set()         # groups whose paused escalation a new alert resumes
 
     def remember(self, g: Group) -> Group:
         known = self.by_id.get(g.id)
@@ -196,6 +204,15 @@ def apply_action(g: Group, action: str, now: float, *, by: str = "user", delay: 
         g.state = "new"
 
 
+EVENT_OF = {
+    "acknowledge": "acknowledged", "unacknowledge": "unacknowledged", "resolve": "resolved",
+    "unresolve": "unresolved", "silence": "silenced", "unsilence": "unsilenced",
+}
+_STOPS = frozenset({"acknowledged", "resolved", "silenced"})
+_RESTARTS = frozenset({"unacknowledged", "unresolved", "unsilenced"})
+_NOTIFICATION_COLUMNS = "id, group_id, notifier, event, step, created_at, state, due_at"
+
+
 def _unsilence(g: Group) -> None:
     g.silenced_at = g.silenced_until = None
     if g.state == "silenced":
@@ -233,6 +250,9 @@ class Store:
         self._closing = False
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds)
         self._expected = 0
+        # notifier name -> lifecycle events it is told about (set from config by the daemon)
+        self.lifecycle_events: dict[str, frozenset[str]] = {}
+        self.maintenance: dict[str, dict] = {}  # integration id -> {mode, started_at, ends_at, group_id}
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -261,6 +281,13 @@ class Store:
                 raise
             log.info("schema migrated to version %d", number)
         self._writer = db
+        self._load_maintenance()
+
+    def _load_maintenance(self) -> None:
+        self.maintenance = {
+            r[0]: {"mode": r[1], "started_at": r[2], "ends_at": r[3], "group_id": r[4]}
+            for r in self._writer.execute("SELECT integration_id, mode, started_at, ends_at, group_id FROM maintenance")
+        }
 
     async def close(self) -> None:
         """Finish every queued write, then close (a second call does nothing)."""
@@ -301,9 +328,36 @@ class Store:
         """Complete one write transaction: the database is writable."""
         await self._submit("ping", None)
 
-    async def heartbeat(self, integration_id: str) -> float:
-        """Record a heartbeat ping durably; return its time."""
+    async def heartbeat(self, integration_id: str) -> str | None:
+        """Record a heartbeat ping durably; return the state before it (None, alive, expired)."""
         return await self._submit("heartbeat", integration_id)
+
+    async def escalate(self, planner, now: float | None = None, limit: int = 1000) -> int:
+        """Run the escalation steps due by `now`; return how many escalations were looked at."""
+        return await self._submit("escalate", (limit, planner, now))
+
+    async def attempt_start(self, notification_id: str) -> int | None:
+        """Durably record that a notification attempt begins; its number (None: nothing to send)."""
+        return await self._submit("attempt_start", notification_id)
+
+    async def attempt_result(self, notification_id: str, attempt: int, ok: bool, detail: str,
+                             retry_at: float | None) -> str:
+        """Record an attempt's outcome (and when to retry); the notification's new state."""
+        return await self._submit("attempt_result", (notification_id, attempt, ok, detail, retry_at))
+
+    async def recover_notifications(self) -> int:
+        return await self._submit("recover_notifications", None)
+
+    async def maintenance_start(self, integration_id: str, mode: str, seconds: float, title: str) -> dict:
+        return await self._submit("maintenance_start", (integration_id, mode, seconds, title))
+
+    async def maintenance_stop(self, integration_id: str, by: str = "stop maintenance") -> int:
+        """End maintenance; in maintenance mode its group and every attached group are resolved."""
+        return await self._submit("maintenance_stop", (integration_id, by))
+
+    async def heartbeat_expired(self, integration_id: str, last_seen: float) -> bool:
+        """Mark a heartbeat expired, unless a ping came after `last_seen`."""
+        return await self._submit("heartbeat_expired", (integration_id, last_seen))
 
     async def prune(self, resolved_before: float, limit: int = 500) -> int:
         """Delete up to `limit` groups resolved before the given time, with their alerts."""
@@ -363,6 +417,7 @@ class Store:
             try:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                self._load_maintenance()  # undo what the failed batch changed in memory
             except Exception:  # noqa: BLE001 - the connection may be unusable; report the first error
                 pass
             for job in jobs:
@@ -431,35 +486,83 @@ class Store:
                 batch.remember(_group(row))
 
     def _decide(self, batch: _Batch, job: _Job, now: float) -> Any:
-        if job.kind == "alerts":
+        kind = job.kind
+        if kind == "alerts":
             return [self._place(batch, a) for a in job.args]
-        if job.kind == "action":
+        if kind == "action":
             group_id, action, delay, by = job.args
             g = batch.by_id.get(group_id)
             if g is None:
                 raise NotFound(f"Alert group {group_id} not found")
-            apply_action(g, action, now, by=by, delay=delay)
-            if g.open == 1 and g.state == "resolved":
-                g.open = None
-            if g.open is None:
-                batch.open.pop((g.integration_id, g.grouping_key), None)
-                if g.state == "resolved":
-                    batch.resolved[(g.integration_id, g.grouping_key)] = g
-            batch.touch(g)
+            self._act(batch, g, action, now, by=by, delay=delay)
             return Group(**{c: getattr(g, c) for c in GROUP_COLUMNS})
-        if job.kind == "prune":
+        if kind == "prune":
             batch.prune = job.args
             return batch
-        if job.kind == "heartbeat":
+        if kind == "heartbeat":
+            row = self._writer.execute("SELECT state FROM heartbeats WHERE integration_id = ?",
+                                       (job.args,)).fetchone()
             batch.heartbeats[job.args] = now
-            return now
-        if job.kind == "expire":
+            return row[0] if row else None  # the state before this ping: "expired" means restored
+        if kind == "heartbeat_expired":
+            iid, seen = job.args
+            cur = self._writer.execute(
+                "UPDATE heartbeats SET state = 'expired' WHERE integration_id = ? AND last_seen = ? AND state = 'alive'",
+                (iid, seen))
+            return cur.rowcount == 1
+        if kind == "expire":
             ended = [g for g in batch.expiring if g.state == "silenced"]
             for g in ended:
                 _unsilence(g)
                 batch.touch(g)
+                self._lifecycle(batch, g, "unsilenced", now, "silence ended")
             return [g.id for g in ended]
+        if kind == "escalate":
+            limit, planner, at = job.args
+            return self._escalate(batch, at or now, limit, planner)
+        if kind == "attempt_start":
+            return self._attempt_start(job.args)
+        if kind == "attempt_result":
+            return self._attempt_result(batch, now, *job.args)
+        if kind == "recover_notifications":
+            return self._recover_notifications(batch, now)
+        if kind == "maintenance_start":
+            return self._maintenance_start(batch, now, *job.args)
+        if kind == "maintenance_stop":
+            return self._maintenance_stop(batch, now, *job.args)
         return None
+
+    def _act(self, batch: _Batch, g: Group, action: str, now: float, *, by: str, delay: int | None = None) -> None:
+        apply_action(g, action, now, by=by, delay=delay)
+        if g.open == 1 and g.state == "resolved":
+            g.open = None
+        if g.open is None:
+            batch.open.pop((g.integration_id, g.grouping_key), None)
+            if g.state == "resolved":
+                batch.resolved[(g.integration_id, g.grouping_key)] = g
+        batch.touch(g)
+        self._lifecycle(batch, g, EVENT_OF[action], now, by)
+
+    def _lifecycle(self, batch: _Batch, g: Group, event: str, now: float, by: str) -> None:
+        """What a state change sets off: a timeline entry, the escalation stopped or
+        restarted, and a notification to each notifier this group's escalation reached
+        that asked to hear about the event."""
+        batch.timeline.append((g.id, now, event, json.dumps({"by": by})))
+        if g.seq is None:
+            return  # created in this batch: its escalation row is written in its final state
+        if event in _STOPS:
+            batch.statements.append(("UPDATE escalations SET state = 'stopped', due_at = NULL"
+                                     " WHERE group_id = ? AND state IN ('running', 'paused')", (g.id,)))
+        elif event in _RESTARTS and g.state == "new" and g.root_group_id is None:
+            batch.statements.append(("UPDATE escalations SET state = 'running', step = 0, repeats = 0, due_at = ?"
+                                     " WHERE group_id = ?", (now, g.id)))
+        if self.lifecycle_events:
+            reached = self._writer.execute(
+                "SELECT DISTINCT notifier FROM notifications WHERE group_id = ? AND event = 'triggered'", (g.id,))
+            for (notifier,) in reached:
+                if event in self.lifecycle_events.get(notifier, ()):
+                    batch.notifications.append(
+                        (public_id("N"), g.id, notifier, event, None, now, "pending", now))
 
     def _place(self, batch: _Batch, a: NewAlert) -> StoredAlert:
         """CONTRACT §7: join the open group, or the latest resolved one for a resolve
@@ -469,31 +572,161 @@ class Store:
         if g is None and a.resolve:
             g = batch.resolved.get(key)
         created = g is None
+        now = a.received_at
         if created:
             g = Group(
                 seq=None, id=public_id("I"), integration_id=a.integration_id, grouping_key=a.grouping_key,
                 state="new", open=1, route_id=a.route_id, title=a.title, alerts_count=0,
-                created_at=a.received_at,
+                created_at=now,
             )
             batch.new_groups.append(g)
             batch.by_id[g.id] = g
             batch.open[key] = g
+        elif g.seq is not None:
+            batch.resume.add(g.id)
         alert_id = public_id("A")
         g.alerts_count += 1
-        g.last_alert_id, g.last_alert_at = alert_id, a.received_at
+        g.last_alert_id, g.last_alert_at = alert_id, now
         if a.acknowledge and g.state in ("new", "silenced"):
             _unsilence(g)
-            g.state, g.acknowledged_at, g.acknowledged_by = "acknowledged", a.received_at, "source"
+            g.state, g.acknowledged_at, g.acknowledged_by = "acknowledged", now, "source"
+            self._lifecycle(batch, g, "acknowledged", now, "source")
         if a.resolve and g.state != "resolved":
             _unsilence(g)
-            g.state, g.resolved_at, g.resolved_by, g.open = "resolved", a.received_at, "source", None
+            g.state, g.resolved_at, g.resolved_by, g.open = "resolved", now, "source", None
             batch.open.pop(key, None)
             batch.resolved[key] = g
+            self._lifecycle(batch, g, "resolved", now, "source")
+        if created:
+            maintenance = self.maintenance.get(a.integration_id)
+            if maintenance is not None:
+                # Debug: groups form, nothing escalates. Maintenance: attached to the one
+                # maintenance group, nothing escalates, resolved when maintenance ends.
+                if maintenance["mode"] == "maintenance":
+                    g.root_group_id = maintenance["group_id"]
+            elif a.escalation is not None:
+                running = g.state == "new"
+                batch.escalations.append((g.id, a.escalation, "running" if running else "stopped",
+                                          now if running else None))
         batch.touch(g)
         batch.alert_rows.append(
-            (alert_id, g.id, a.integration_id, a.received_at, a.source, int(a.resolve), a.payload_json, a.raw)
+            (alert_id, g.id, a.integration_id, now, a.source, int(a.resolve), a.payload_json, a.raw)
         )
         return StoredAlert(alert_id, g.id, a.grouping_key, created, g.state)
+
+    # -- escalation and notifications (the decisions are the escalation package's) ------
+
+    def _escalate(self, batch: _Batch, now: float, limit: int, planner) -> int:
+        """Run every due escalation step: `planner(chain_json, step, repeats, now, count)`
+        returns what to do (escalation.chains.Plan)."""
+        db = self._writer
+        rows = db.execute(
+            "SELECT group_id, chain, step, repeats FROM escalations WHERE state = 'running' AND due_at <= ?"
+            " ORDER BY due_at LIMIT ?", (now, limit)).fetchall()
+        if not rows:
+            return 0
+        for chunk in _chunks(sorted({r[0] for r in rows})):
+            marks = ",".join("?" * len(chunk))
+            for row in db.execute(f"{_GROUP_SELECT} WHERE id IN ({marks})", chunk):
+                batch.remember(_group(row))
+        for group_id, chain, step, repeats in rows:
+            g = batch.by_id.get(group_id)
+            if g is None or g.state != "new":
+                batch.statements.append(("UPDATE escalations SET state = 'stopped', due_at = NULL WHERE group_id = ?",
+                                         (group_id,)))
+                continue
+
+            def count(seconds: float, g=g) -> int:
+                last = g.last_alert_at or now
+                return db.execute("SELECT count(*) FROM alerts WHERE alert_group_id = ? AND created_at >= ?",
+                                  (g.id, last - seconds)).fetchone()[0]
+
+            plan = planner(chain, step, repeats, now, count)
+            batch.statements.append(("UPDATE escalations SET step = ?, repeats = ?, state = ?, due_at = ?"
+                                     " WHERE group_id = ?", (plan.step, plan.repeats, plan.state, plan.due_at, g.id)))
+            for event, detail in plan.timeline:
+                batch.timeline.append((g.id, now, event, json.dumps(detail)))
+            for notifier, index in plan.notify:
+                batch.notifications.append((public_id("N"), g.id, notifier, "triggered", index, now, "pending", now))
+            if plan.resolve:
+                self._act(batch, g, "resolve", now, by="escalation")
+        return len(rows)
+
+    def _attempt_start(self, notification_id: str) -> int | None:
+        """Record that an attempt begins (before anything is sent): its number, or None."""
+        db = self._writer
+        cur = db.execute("UPDATE notifications SET attempts = attempts + 1, due_at = NULL"
+                         " WHERE id = ? AND state = 'pending'", (notification_id,))
+        if cur.rowcount != 1:
+            return None
+        return db.execute("SELECT attempts FROM notifications WHERE id = ?", (notification_id,)).fetchone()[0]
+
+    def _attempt_result(self, batch: _Batch, now: float, notification_id: str, attempt: int, ok: bool,
+                        detail: str, retry_at: float | None) -> str:
+        row = self._writer.execute("SELECT group_id, notifier, event FROM notifications WHERE id = ?",
+                                   (notification_id,)).fetchone()
+        if row is None:
+            return "gone"
+        state = "sent" if ok else ("pending" if retry_at is not None else "failed")
+        batch.statements.append(("UPDATE notifications SET state = ?, results = ?, due_at = ?, last_detail = ?"
+                                 " WHERE id = ?", (state, attempt, retry_at, detail, notification_id)))
+        batch.timeline.append((row[0], now, "notification", json.dumps({
+            "id": notification_id, "notifier": row[1], "event": row[2], "attempt": attempt,
+            "outcome": "sent" if ok else ("retrying" if retry_at is not None else "failed"),
+            "detail": detail, "next_attempt_at": retry_at,
+        })))
+        return state
+
+    def _recover_notifications(self, batch: _Batch, now: float) -> int:
+        """Attempts that began before a crash and never recorded an outcome: say so, retry."""
+        rows = self._writer.execute(
+            "SELECT id, group_id, notifier, event, attempts FROM notifications"
+            " WHERE state = 'pending' AND attempts > results").fetchall()
+        for nid, group_id, notifier, event, attempts in rows:
+            batch.timeline.append((group_id, now, "notification", json.dumps({
+                "id": nid, "notifier": notifier, "event": event, "attempt": attempts,
+                "outcome": "interrupted", "detail": "the process stopped during the attempt; outcome unknown",
+                "next_attempt_at": now,
+            })))
+            batch.statements.append(("UPDATE notifications SET results = attempts, due_at = ? WHERE id = ?", (now, nid)))
+        return len(rows)
+
+    # -- maintenance ------------------------------------------------------------------
+
+    def _maintenance_start(self, batch: _Batch, now: float, iid: str, mode: str, seconds: float, title: str) -> dict:
+        if iid in self.maintenance:
+            raise InvalidTransition("Already on maintenance")
+        group_id = None
+        if mode == "maintenance":
+            g = Group(seq=None, id=public_id("I"), integration_id=iid, grouping_key=f"maintenance:{public_id('M')}",
+                      state="new", open=None, route_id=None, title=title, alerts_count=0, created_at=now)
+            batch.new_groups.append(g)
+            batch.by_id[g.id] = g
+            group_id = g.id
+            batch.timeline.append((g.id, now, "maintenance_started", json.dumps({"integration": iid})))
+        info = {"mode": mode, "started_at": now, "ends_at": now + seconds, "group_id": group_id}
+        batch.statements.append(("INSERT INTO maintenance (integration_id, mode, started_at, ends_at, group_id)"
+                                 " VALUES (?, ?, ?, ?, ?)", (iid, mode, now, now + seconds, group_id)))
+        self.maintenance[iid] = info
+        return dict(info)
+
+    def _maintenance_stop(self, batch: _Batch, now: float, iid: str, by: str) -> int:
+        info = self.maintenance.get(iid)
+        if info is None:
+            raise InvalidTransition("Integration is not under maintenance")
+        batch.statements.append(("DELETE FROM maintenance WHERE integration_id = ?", (iid,)))
+        del self.maintenance[iid]
+        resolved = 0
+        if info["group_id"]:
+            rows = self._writer.execute(
+                f"{_GROUP_SELECT} WHERE (id = ? OR root_group_id = ?) AND state != 'resolved'",
+                (info["group_id"], info["group_id"])).fetchall()
+            for row in rows:
+                g = batch.remember(_group(row))
+                if g.state != "resolved":
+                    self._act(batch, g, "resolve", now, by=by)
+                    resolved += 1
+        return resolved
 
     def _write(self, batch: _Batch) -> None:
         db = self._writer
@@ -501,11 +734,25 @@ class Store:
             db.executemany(
                 _GROUP_INSERT, [tuple(getattr(g, c) for c in GROUP_COLUMNS[1:]) for g in batch.new_groups]
             )
+        if batch.escalations:
+            db.executemany("INSERT INTO escalations (group_id, chain, state, due_at) VALUES (?, ?, ?, ?)",
+                           batch.escalations)
         if batch.changed:
             db.executemany(
                 _GROUP_UPDATE,
                 [tuple(getattr(g, c) for c in GROUP_COLUMNS[4:]) + (g.id,) for g in batch.changed.values()],
             )
+        if batch.resume:
+            # A paused "if_alerts_in_window" step looks again when the group gets an alert.
+            db.executemany("UPDATE escalations SET state = 'running', due_at = ? WHERE group_id = ? AND state = 'paused'",
+                           [(time.time(), gid) for gid in batch.resume])
+        for sql, params in batch.statements:
+            db.execute(sql, params)
+        if batch.timeline:
+            db.executemany("INSERT INTO timeline (group_id, at, event, detail) VALUES (?, ?, ?, ?)", batch.timeline)
+        if batch.notifications:
+            db.executemany(f"INSERT INTO notifications ({_NOTIFICATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           batch.notifications)
         if batch.prune is not None:
             before, limit = batch.prune
             ids = [r[0] for r in db.execute(
@@ -514,13 +761,15 @@ class Store:
             ) if r[0] not in batch.by_id]  # groups this batch touches stay
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
-                db.execute(f"DELETE FROM alerts WHERE alert_group_id IN ({marks})", chunk)
-                db.execute(f"DELETE FROM alert_groups WHERE id IN ({marks})", chunk)
+                for table, column in (("alerts", "alert_group_id"), ("timeline", "group_id"),
+                                      ("notifications", "group_id"), ("escalations", "group_id"),
+                                      ("alert_groups", "id")):
+                    db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", chunk)
             batch.pruned = len(ids)
         if batch.heartbeats:
             db.executemany(
-                "INSERT INTO heartbeats (integration_id, last_seen) VALUES (?, ?)"
-                " ON CONFLICT (integration_id) DO UPDATE SET last_seen = excluded.last_seen",
+                "INSERT INTO heartbeats (integration_id, last_seen, state) VALUES (?, ?, 'alive')"
+                " ON CONFLICT (integration_id) DO UPDATE SET last_seen = excluded.last_seen, state = 'alive'",
                 list(batch.heartbeats.items()),
             )
         if batch.alert_rows:
@@ -607,6 +856,35 @@ class Store:
 
     async def heartbeats(self) -> dict[str, tuple[float, str]]:
         return {r[0]: (r[1], r[2]) for r in await self._fetch("SELECT integration_id, last_seen, state FROM heartbeats")}
+
+    async def timeline(self, group_id: str) -> list[dict]:
+        rows = await self._fetch("SELECT at, event, detail FROM timeline WHERE group_id = ? ORDER BY seq", (group_id,))
+        return [{"at": r[0], "event": r[1], "detail": json.loads(r[2]) if r[2] else {}} for r in rows]
+
+    async def escalation_of(self, group_id: str) -> dict | None:
+        rows = await self._fetch("SELECT chain, step, repeats, state, due_at FROM escalations WHERE group_id = ?",
+                                 (group_id,))
+        if not rows:
+            return None
+        chain, step, repeats, state, due_at = rows[0]
+        return {"chain": json.loads(chain), "step": step, "repeats": repeats, "state": state, "due_at": due_at}
+
+    async def due_notifications(self, now: float, limit: int = 100) -> list[dict]:
+        rows = await self._fetch(
+            "SELECT id, group_id, notifier, event, step, attempts FROM notifications"
+            " WHERE state = 'pending' AND due_at <= ? ORDER BY due_at LIMIT ?", (now, limit))
+        return [dict(zip(("id", "group_id", "notifier", "event", "step", "attempts"), r)) for r in rows]
+
+    async def notifications_of(self, group_id: str) -> list[dict]:
+        rows = await self._fetch(
+            "SELECT id, notifier, event, step, state, attempts, last_detail, created_at FROM notifications"
+            " WHERE group_id = ? ORDER BY created_at", (group_id,))
+        return [dict(zip(("id", "notifier", "event", "step", "state", "attempts", "detail", "created_at"), r))
+                for r in rows]
+
+    async def next_escalation_due(self) -> float | None:
+        rows = await self._fetch("SELECT min(due_at) FROM escalations WHERE state = 'running'")
+        return rows[0][0] if rows else None
 
     async def raw_message(self, alert_id: str) -> bytes | None:
         rows = await self._fetch("SELECT raw FROM alerts WHERE id = ?", (alert_id,))

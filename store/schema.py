@@ -51,4 +51,52 @@ MIGRATIONS: tuple[str, ...] = (
         state            TEXT NOT NULL DEFAULT 'alive'
     );
     """,
+    # 2: escalation state, notifications outbox, timeline, maintenance.
+    """
+    ALTER TABLE alert_groups ADD COLUMN root_group_id TEXT;
+    CREATE INDEX ix_groups_root ON alert_groups (root_group_id) WHERE root_group_id IS NOT NULL;
+
+    CREATE TABLE escalations (
+        group_id         TEXT PRIMARY KEY,
+        chain            TEXT NOT NULL,     -- the chain's snapshot (JSON) taken when the group was created
+        step             INTEGER NOT NULL DEFAULT 0,
+        repeats          INTEGER NOT NULL DEFAULT 0,
+        state            TEXT NOT NULL,     -- running | paused | stopped | finished
+        due_at           REAL
+    );
+    CREATE INDEX ix_escalations_due ON escalations (due_at) WHERE state = 'running';
+
+    CREATE TABLE notifications (
+        id               TEXT PRIMARY KEY,  -- also the idempotency key receivers see
+        group_id         TEXT NOT NULL,
+        notifier         TEXT NOT NULL,
+        event            TEXT NOT NULL,
+        step             INTEGER,
+        created_at       REAL NOT NULL,
+        state            TEXT NOT NULL,     -- pending | sent | failed
+        attempts         INTEGER NOT NULL DEFAULT 0,   -- attempts started
+        results          INTEGER NOT NULL DEFAULT 0,   -- attempts whose outcome is recorded
+        due_at           REAL,
+        last_detail      TEXT
+    );
+    CREATE INDEX ix_notifications_due ON notifications (due_at) WHERE state = 'pending';
+    CREATE INDEX ix_notifications_group ON notifications (group_id, event);
+
+    CREATE TABLE timeline (
+        seq              INTEGER PRIMARY KEY,
+        group_id         TEXT NOT NULL,
+        at               REAL NOT NULL,
+        event            TEXT NOT NULL,
+        detail           TEXT
+    );
+    CREATE INDEX ix_timeline_group ON timeline (group_id, seq);
+
+    CREATE TABLE maintenance (
+        integration_id   TEXT PRIMARY KEY,
+        mode             TEXT NOT NULL,     -- debug | maintenance
+        started_at       REAL NOT NULL,
+        ends_at          REAL NOT NULL,
+        group_id         TEXT               -- the group that collects everything, in maintenance mode
+    );
+    """,
 )

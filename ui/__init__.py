@@ -17,7 +17,6 @@ def setup_ui(app: web.Application, daemon) -> None:
     """
     views = Views(daemon)
     ui = web.Application(middlewares=[views.guard])
-    ui[UI_KEY] = views
     ui.add_routes(views.routes())
     app.add_subapp("/ui", ui)
     app[UI_KEY] = views

@@ -1,0 +1,217 @@
+"""The background side of tocsin: due escalation steps, notification delivery,
+heartbeat expiry and the end of maintenance windows.
+
+Everything it acts on lives in the database, so a restart picks up where the process
+stopped: due steps run (late rather than never), interrupted deliveries are retried
+under the same idempotency key.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable, Mapping
+
+import aiohttp
+
+from .chains import Chain, plan
+from .notifiers import MAX_ATTEMPTS, Delivery, NotifierConfig, backoff, send
+
+log = logging.getLogger("tocsin.escalation")
+
+TICK = 0.25            # seconds between looks at due steps and deliveries
+BATCH = 1000           # escalations advanced per transaction
+MAX_SENDING = 16       # deliveries in flight at once
+
+
+@functools.lru_cache(maxsize=256)
+def _chain(snapshot: str) -> Chain:
+    return Chain.from_json(snapshot)
+
+
+def planner(snapshot: str, step: int, repeats: int, now: float, count: Callable[[float], int]):
+    """What the store calls for each due escalation (see store.Store.escalate)."""
+    return plan(_chain(snapshot), step, repeats, now, count)
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Engine:
+    """Runs as tasks inside the daemon; `get_*` callables read the current config."""
+
+    def __init__(self, store, get_pipeline: Callable[[], Any], get_notifiers: Callable[[], Mapping[str, NotifierConfig]],
+                 public_url: Callable[[], str], heartbeat_timeouts: Callable[[], Mapping[str, float]]):
+        self.store = store
+        self.get_pipeline = get_pipeline
+        self.get_notifiers = get_notifiers
+        self.public_url = public_url
+        self.heartbeat_timeouts = heartbeat_timeouts
+        self._tasks: list[asyncio.Task] = []
+        self._sending: set[str] = set()
+        self._slots = asyncio.Semaphore(MAX_SENDING)
+        self._session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        recovered = await self.store.recover_notifications()
+        if recovered:
+            log.warning("%d notification attempts were interrupted by a stop; retrying them", recovered)
+        for name, loop in (("escalations", self._escalations), ("deliveries", self._deliveries),
+                           ("heartbeats", self._heartbeats), ("maintenance", self._maintenance)):
+            self._tasks.append(asyncio.create_task(self._forever(name, loop), name=f"engine-{name}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def wake(self) -> None:
+        """Look at due work now rather than at the next tick (a new group, an action)."""
+        self._wake.set()
+
+    async def _forever(self, name: str, step: Callable[[], Any]) -> None:
+        while True:
+            try:
+                busy = await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged and retried on the next tick
+                log.warning("%s: %s", name, exc)
+                busy = False
+            if not busy:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), TICK)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+
+    # -- escalation steps --------------------------------------------------------------
+
+    async def _escalations(self) -> bool:
+        """Advance every due escalation; True when there may be more right away."""
+        return await self.store.escalate(planner, limit=BATCH) >= BATCH
+
+    # -- deliveries --------------------------------------------------------------------
+
+    async def _deliveries(self) -> bool:
+        due = await self.store.due_notifications(time.time(), 200)
+        for n in due:
+            if n["id"] in self._sending:
+                continue
+            self._sending.add(n["id"])
+            asyncio.create_task(self._deliver(n))
+        return False
+
+    async def _deliver(self, n: dict) -> None:
+        try:
+            async with self._slots:
+                await self._deliver_once(n)
+        except Exception as exc:  # noqa: BLE001 - the attempt stays recorded as started; retried after restart
+            log.warning("delivery of %s failed unexpectedly: %s", n["id"], exc)
+        finally:
+            self._sending.discard(n["id"])
+
+    async def _deliver_once(self, n: dict) -> None:
+        attempt = await self.store.attempt_start(n["id"])  # committed before anything is sent
+        if attempt is None:
+            return
+        notifier = self.get_notifiers().get(n["notifier"])
+        if notifier is None:
+            await self.store.attempt_result(n["id"], attempt, False, "notifier no longer configured", None)
+            return
+        delivery = await self._delivery(n, attempt)
+        if delivery is None:
+            await self.store.attempt_result(n["id"], attempt, False, "alert group no longer exists", None)
+            return
+        result = await send(notifier, delivery, self._session)
+        retry_at = None
+        if not result.ok and result.retry and attempt < MAX_ATTEMPTS:
+            retry_at = time.time() + backoff(attempt)
+        await self.store.attempt_result(n["id"], attempt, result.ok, result.detail, retry_at)
+        if not result.ok and retry_at is None:
+            log.warning("notification %s to %s failed for good after %d attempt(s): %s",
+                        n["id"], n["notifier"], attempt, result.detail)
+
+    async def _delivery(self, n: dict, attempt: int) -> Delivery | None:
+        group = await self.store.get_group(n["group_id"])
+        if group is None:
+            return None
+        pipeline = self.get_pipeline()
+        integration = pipeline.by_id(group.integration_id)
+        title, message, link = group.title, None, None
+        if integration is not None and group.last_alert_id:
+            last = (await self.store.alerts_by_id([group.last_alert_id])).get(group.last_alert_id)
+            if last is not None:
+                try:
+                    payload = json.loads(last["payload"])
+                except ValueError:
+                    payload = {}
+                d = await pipeline.decide(integration, payload, full=True, alert_group_id=group.id)
+                title, message, link = group.title or d.title, d.message, d.source_link
+        return Delivery(
+            notification_id=n["id"],
+            attempt=attempt,
+            event=n["event"],
+            alert_group={
+                "id": group.id, "integration_id": group.integration_id, "route_id": group.route_id,
+                "state": group.state, "alerts_count": group.alerts_count, "title": title, "message": message,
+                "source_link": link, "created_at": _iso(group.created_at),
+                "acknowledged_at": _iso(group.acknowledged_at), "resolved_at": _iso(group.resolved_at),
+                "silenced_at": _iso(group.silenced_at), "permalink": f"{self.public_url()}/ui/groups/{group.id}",
+            },
+            integration={"id": group.integration_id,
+                         "name": integration.name if integration else group.integration_id,
+                         "kind": integration.kind.slug if integration else None},
+            step=n["step"],
+        )
+
+    # -- heartbeats --------------------------------------------------------------------
+
+    async def _heartbeats(self) -> bool:
+        timeouts = self.heartbeat_timeouts()
+        if not timeouts:
+            return False
+        now = time.time()
+        beats = await self.store.heartbeats()
+        for iid, timeout in timeouts.items():
+            seen = beats.get(iid)
+            # Armed only after the first ping; expired once per silence.
+            if seen is None or seen[1] != "alive" or seen[0] + timeout > now:
+                continue
+            integration = self.get_pipeline().by_id(iid)
+            if integration is None:
+                continue
+            # The alert first, then the mark: a crash in between re-sends "expired" (it
+            # groups with the first), never loses it.
+            await self.get_pipeline().ingest(
+                integration, integration.kind.heartbeat_payload(integration.name, restored=False), source="heartbeat")
+            await self.store.heartbeat_expired(iid, seen[0])
+            log.warning("heartbeat of %s expired (no ping for %.0f s)", iid, now - seen[0])
+        return False
+
+    async def heartbeat_received(self, integration, previous_state: str | None) -> None:
+        """A ping arrived; after an expiry it feeds the kind's "restored" payload (which resolves)."""
+        if previous_state == "expired":
+            await self.get_pipeline().ingest(
+                integration, integration.kind.heartbeat_payload(integration.name, restored=True), source="heartbeat")
+            log.info("heartbeat of %s restored", integration.id)
+
+    # -- maintenance -------------------------------------------------------------------
+
+    async def _maintenance(self) -> bool:
+        now = time.time()
+        for iid, info in list(self.store.maintenance.items()):
+            if info["ends_at"] <= now:
+                await self.store.maintenance_stop(iid)
+                log.info("maintenance of %s ended", iid)
+        return False
