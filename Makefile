@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test bench clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: run test bench bench-all chromium clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +17,25 @@ run: $(BIN)/.installed
 	mkdir -p var
 	$(BIN)/tocsin serve -c config.toml
 
-test: $(BIN)/.installed
+# The UI's browser tests drive Debian's chromium through Playwright (never `playwright install`);
+# without it they skip.
+chromium:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q chromium; \
+	  else echo "no $(CHROMIUM) and no root: the UI browser tests will skip"; fi; }
+
+test: $(BIN)/.installed chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(BIN)/.installed
 	$(BIN)/python bench/http_ingest.py
+
+bench-all: bench
+	$(BIN)/python bench/smtp_ingest.py
+	$(BIN)/python bench/flood.py
+	$(BIN)/python bench/ui_pages.py
+	$(BIN)/python bench/escalation_lateness.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache *.egg-info

@@ -557,9 +557,10 @@ class Store:
             batch.statements.append(("UPDATE escalations SET state = 'running', step = 0, repeats = 0, due_at = ?"
                                      " WHERE group_id = ?", (now, g.id)))
         if self.lifecycle_events:
-            reached = self._writer.execute(
-                "SELECT DISTINCT notifier FROM notifications WHERE group_id = ? AND event = 'triggered'", (g.id,))
-            for (notifier,) in reached:
+            reached = {r[0] for r in self._writer.execute(
+                "SELECT DISTINCT notifier FROM notifications WHERE group_id = ? AND event = 'triggered'", (g.id,))}
+            reached.update(n[2] for n in batch.notifications if n[1] == g.id and n[3] == "triggered")
+            for notifier in sorted(reached):
                 if event in self.lifecycle_events.get(notifier, ()):
                     batch.notifications.append(
                         (public_id("N"), g.id, notifier, event, None, now, "pending", now))

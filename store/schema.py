@@ -99,4 +99,10 @@ MIGRATIONS: tuple[str, ...] = (
         group_id         TEXT               -- the group that collects everything, in maintenance mode
     );
     """,
+    # 3: the web UI and /metrics over many groups (measured with bench/ui_pages.py on 100,000
+    # groups: the open-group count 57 ms -> under 1 ms, a time-range page 28 ms -> 8 ms).
+    """
+    CREATE INDEX ix_groups_unresolved ON alert_groups (integration_id, state) WHERE state != 'resolved';
+    CREATE INDEX ix_groups_created ON alert_groups (created_at);
+    """,
 )
