@@ -14,17 +14,8 @@ from typing import Any
 
 from escalation.chains import Chain, parse_chain
 from escalation.notifiers import NotifierConfig, parse_notifier
+from grouping.kinds import TEMPLATE_NAMES
 from grouping.limits import parse_duration, parse_rate
-
-TEMPLATE_NAMES = (
-    "grouping_id",
-    "resolve_condition",
-    "acknowledge_condition",
-    "source_link",
-    "title",
-    "message",
-    "image_url",
-)
 
 
 class ConfigError(Exception):

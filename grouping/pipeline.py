@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from store import NewAlert, Store, StoreUnavailable
 
-from .kinds import KINDS, Kind, count_alerts, split_alerts
+from .kinds import KINDS, TEMPLATE_NAMES, Kind, count_alerts, split_alerts
 from .limits import Limiter
 from .routes import Route, choose
 from .templates import (
@@ -32,7 +32,7 @@ from .templates import (
 
 BEHAVIOUR = ("grouping_id", "resolve_condition", "acknowledge_condition")
 APPEARANCE = ("source_link", "title", "message", "image_url")
-TEMPLATE_NAMES = BEHAVIOUR + APPEARANCE
+assert BEHAVIOUR + APPEARANCE == TEMPLATE_NAMES
 
 # A render first runs on the event loop with this much time; past it, it restarts in a
 # worker thread with the full budget, so a slow template never stalls other traffic.

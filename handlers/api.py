@@ -326,17 +326,14 @@ class Api:
         g = await store.get_group(request.match_info["id"])
         if g is None:
             return error(404, "Alert group not found")
-        entries = [{"at": iso(g.created_at), "event": "created",
-                    "detail": {"integration_id": g.integration_id, "route_id": g.route_id}}]
-        entries += [{"at": iso(e["at"]), "event": e["event"], "detail": e["detail"]}
-                    for e in await store.timeline(g.id)]
-        escalation = await store.escalation_of(g.id)
+        story = await group_story(store, g)
+        escalation = story["escalation"]
         if escalation is not None:
             escalation["due_at"] = iso(escalation["due_at"])
         return web.json_response({
             "alert_group_id": g.id, "state": g.state, "escalation": escalation,
-            "notifications": [{**n, "created_at": iso(n["created_at"])} for n in await store.notifications_of(g.id)],
-            "results": entries,
+            "notifications": [{**n, "created_at": iso(n["created_at"])} for n in story["notifications"]],
+            "results": [{**e, "at": iso(e["at"])} for e in story["entries"]],
         })
 
     # -- alerts ----------------------------------------------------------------------
@@ -348,6 +345,21 @@ class Api:
             integration_id=request.query.get("integration_id"), limit=size, offset=offset,
         )
         return web.json_response(self.page(request, count, [alert_json(a) for a in alerts], page, size))
+
+
+async def group_story(store, g: Group) -> dict:
+    """A group's timeline, escalation and notifications, times in epoch seconds: what the
+    REST timeline and the UI's group page both show.
+
+    `entries` ([{at, event, detail}], oldest first) starts with the group's creation and
+    route, then the store's timeline: escalation steps, each notification attempt, state
+    changes and who made them.
+    """
+    entries = [{"at": g.created_at, "event": "created",
+                "detail": {"integration_id": g.integration_id, "route_id": g.route_id}}]
+    entries += [{"at": e["at"], "event": e["event"], "detail": e["detail"]} for e in await store.timeline(g.id)]
+    return {"entries": entries, "escalation": await store.escalation_of(g.id),
+            "notifications": await store.notifications_of(g.id)}
 
 
 def _human(seconds: float) -> str:

@@ -26,6 +26,23 @@ def ago(ts: float | None, now: float | None = None) -> str:
     return f"{seconds} s ago"
 
 
+def duration(seconds: float | None) -> str:
+    """A span of time as people say it: "90 s", "5 min", "1 h 30 min", "2 d"; "—" for none."""
+    if seconds is None:
+        return "—"
+    left = int(round(seconds))
+    if left < 60:
+        return f"{seconds:g} s" if seconds < 10 and seconds != left else f"{left} s"
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size} {unit}")
+            left %= size
+        if len(parts) == 2:
+            break
+    return " ".join(parts)
+
+
 def iso_input(ts: float | None) -> str:
     """The value of a datetime-local input (UTC)."""
     return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M")
@@ -53,4 +70,4 @@ def pretty(value: Any) -> str:
 
 
 def filters() -> dict[str, Callable]:
-    return {"when": when, "ago": ago, "href": href, "pretty": pretty, "iso_input": iso_input}
+    return {"when": when, "ago": ago, "duration": duration, "href": href, "pretty": pretty, "iso_input": iso_input}
