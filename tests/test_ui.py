@@ -8,10 +8,12 @@ import json
 import re
 import time
 import tomllib
+from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from conftest import API_TOKEN, ROOT, TOKEN, config_text
 from ui.auth import Sessions
@@ -293,6 +295,239 @@ async def test_integrations_page(tocsin, client):
     assert "s ago" in am and "never" not in am
 
 
+# -- heartbeats and maintenance (issue 5) ------------------------------------------------
+
+HEARTBEATS = """
+[[integrations]]
+id = "hb"
+name = "Pinged"
+kind = "webhook"
+token = "tok-heartbeat-0001"
+heartbeat_timeout = "1h"
+
+[[integrations]]
+id = "quiet"
+name = "Never pinged"
+kind = "webhook"
+token = "tok-heartbeat-0002"
+heartbeat_timeout = "5m"
+"""
+
+
+def row_of(page: str, iid: str) -> str:
+    return re.search(rf'<tr data-integration="{iid}">(.*?)</tr>', page, re.S).group(1)
+
+
+async def test_integrations_page_heartbeat_states(start_tocsin):
+    h = await start_tocsin(extra_integrations=HEARTBEATS)
+    async with h.session.get(f"{h.base}/integrations/v1/webhook/tok-heartbeat-0001/heartbeat/") as r:
+        assert r.status == 200
+    b = Browser(h)
+    try:
+        await b.login()
+        status, page, _ = await b.get("/ui/integrations")
+        assert status == 200
+        hb = row_of(page, "hb")
+        assert 'data-heartbeat="alive"' in hb and "s ago" in hb and "timeout 1 h" in hb and "UTC" in hb
+        quiet = row_of(page, "quiet")
+        assert 'data-heartbeat="never"' in quiet and "timeout 5 min" in quiet
+        wh = row_of(page, "wh")
+        assert 'data-heartbeat="off"' in wh and "never pinged" in wh
+        store = h.daemon.current().store
+        last_seen = (await store.heartbeats())["hb"][0]
+        assert await store.heartbeat_expired("hb", last_seen)
+        status, page, _ = await b.get("/ui/integrations")
+        assert 'data-heartbeat="expired"' in row_of(page, "hb")
+    finally:
+        await b.close()
+
+
+async def test_maintenance_start_and_stop_from_the_integrations_page(tocsin, client):
+    store = tocsin.daemon.current().store
+    await client.login()
+    status, page, _ = await client.get("/ui/integrations")
+    wh = row_of(page, "wh")
+    assert 'data-maintenance=""' in wh and "—" in wh and 'data-maintenance-action="start"' in wh
+    for seconds, label in ((3600, "1 hour"), (10800, "3 hours"), (21600, "6 hours"), (43200, "12 hours"),
+                           (86400, "24 hours")):
+        assert f'<option value="{seconds}">{label}</option>' in wh
+    start = "/ui/integrations/wh/maintenance/start"
+    # Without (or with a wrong) CSRF token nothing starts or stops.
+    for data in ({"mode": "maintenance", "duration": "3600"},
+                 {"mode": "maintenance", "duration": "3600", "_csrf": "wrong"}):
+        status, page, _ = await client.post(start, data=data)
+        assert status == 403 and "CSRF" in page
+    assert store.maintenance == {}
+    # Only the offered modes and durations.
+    for bad in ({"mode": "party", "duration": "3600"}, {"mode": "debug", "duration": "5"},
+                {"mode": "debug", "duration": "soon"}):
+        status, _, headers = await client.post(start, data={"_csrf": client.csrf, **bad})
+        assert status == 303 and headers["Location"] == "/ui/integrations"
+        status, page, _ = await client.get("/ui/integrations")
+        assert 'class="flash error"' in page, bad
+    assert store.maintenance == {}
+
+    before = time.time()
+    status, _, headers = await client.post(start, data={"_csrf": client.csrf, "mode": "maintenance",
+                                                        "duration": "10800"})
+    assert status == 303 and headers["Location"] == "/ui/integrations"
+    info = store.maintenance["wh"]
+    assert info["mode"] == "maintenance" and before + 10800 <= info["ends_at"] <= time.time() + 10800
+    status, page, _ = await client.get("/ui/integrations")
+    assert "Test webhook: maintenance mode until" in page
+    wh = row_of(page, "wh")
+    ends = html.escape(datetime.fromtimestamp(info["ends_at"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+    assert 'data-maintenance="maintenance"' in wh and ends in wh and 'data-maintenance-action="stop"' in wh
+    assert f'href="/ui/groups/{info["group_id"]}"' in wh
+    # The same title as the API gives, and the API sees the same state.
+    [g] = await tocsin.groups(integration_id="wh")
+    assert g["title"] == "Maintenance of Test webhook for 3h"
+    status, body = await tocsin.api("GET", "integrations/wh/")
+    assert body["maintenance_mode"] == "maintenance"
+    # Starting again is refused, with the store's words.
+    status, _, _ = await client.post(start, data={"_csrf": client.csrf, "mode": "debug", "duration": "3600"})
+    status, page, _ = await client.get("/ui/integrations")
+    assert 'class="flash error"' in page and "Already on maintenance" in page
+    assert store.maintenance["wh"]["mode"] == "maintenance"
+    # The maintenance group's page says what it is.
+    status, page, _ = await client.get(f"/ui/groups/{info['group_id']}")
+    assert status == 200 and 'id="group-maintenance"' in page and 'data-event="maintenance_started"' in page
+
+    stop = "/ui/integrations/wh/maintenance/stop"
+    status, _, _ = await client.post(stop, data={})
+    assert status == 403 and "wh" in store.maintenance
+    status, _, headers = await client.post(stop, data={"_csrf": client.csrf})
+    assert status == 303 and "wh" not in store.maintenance
+    status, page, _ = await client.get("/ui/integrations")
+    assert "Test webhook: maintenance stopped. 1 alert group resolved." in page
+    assert 'data-maintenance=""' in row_of(page, "wh")
+    status, _, _ = await client.post(stop, data={"_csrf": client.csrf})
+    status, page, _ = await client.get("/ui/integrations")
+    assert 'class="flash error"' in page and "Integration is not under maintenance" in page
+    # Debug mode through the header form of the CSRF token too; an unknown integration is a 404.
+    status, _, _ = await client.post("/ui/integrations/am/maintenance/start", headers={"X-CSRF-Token": client.csrf},
+                                     data={"mode": "debug", "duration": "86400"})
+    assert status == 303 and store.maintenance["am"]["mode"] == "debug" and store.maintenance["am"]["group_id"] is None
+    status, _, _ = await client.post("/ui/integrations/nope/maintenance/stop", data={"_csrf": client.csrf})
+    assert status == 404
+
+
+# -- a group's timeline, escalation and notifications (issue 5) ------------------------
+
+def paged_config(url: str) -> str:
+    return f"""
+[[integrations]]
+id = "pg"
+name = "Paged"
+kind = "webhook"
+token = "tok-paged-ui-0001"
+[integrations.templates]
+title = "{{{{ payload.title }}}}"
+[[integrations.routes]]
+id = "critical"
+escalation = "page-ops"
+
+[[notifiers]]
+name = "ops-hook"
+kind = "webhook"
+url = "{url}"
+timeout = 2
+events = ["acknowledged"]
+
+[[escalations]]
+name = "page-ops"
+steps = [ {{ notify = ["ops-hook"] }}, {{ wait = "1h" }}, {{ notify = ["ops-hook"] }} ]
+"""
+
+
+@pytest.fixture
+async def hook():
+    """A notifier's receiver whose first answer is a 500 with markup in its body, then 200s."""
+    seen = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        if len(seen) == 1:
+            return web.Response(status=500, text=XSS + " <b>boom</b>")
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}/hook", seen
+    await runner.cleanup()
+
+
+async def wait_for(predicate, seconds: float = 15.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if await predicate():
+            return True
+        await asyncio.sleep(0.1)
+    return await predicate()
+
+
+async def test_group_page_shows_timeline_escalation_and_notifications(start_tocsin, hook):
+    url, seen = hook
+    h = await start_tocsin(extra_integrations=paged_config(url))
+    status, body = await h.post("pg", {"title": "db down " + XSS}, kind="webhook", token="tok-paged-ui-0001")
+    assert status == 200, body
+    gid = body["alert_group_id"]
+    store = h.daemon.current().store
+
+    async def sent():
+        return [n["state"] for n in await store.notifications_of(gid)] == ["sent"]
+
+    assert await wait_for(sent), await store.notifications_of(gid)
+    b = Browser(h)
+    try:
+        await b.login()
+        status, page, _ = await b.get(f"/ui/groups/{gid}")
+        assert status == 200
+        # The notifier's answer is shown as text, never as markup.
+        assert "<script>alert" not in page and "<b>boom" not in page
+        assert "HTTP 500: &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &lt;b&gt;boom&lt;/b&gt;" in page
+        timeline = re.search(r'<ol class="timeline" id="timeline">(.*?)</ol>', page, re.S).group(1)
+        assert "created</strong> — from Paged, route critical" in timeline
+        assert "step 1: notify ops-hook" in timeline and "step 2: wait 1 h" in timeline
+        retrying = re.search(r'<li data-event="notification" data-outcome="retrying">(.*?)</li>', timeline, re.S).group(1)
+        assert "ops-hook (triggered), attempt 1: failed, will retry" in retrying
+        assert re.search(r"next attempt \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", retrying)
+        assert 'data-outcome="sent"' in timeline and "attempt 2: sent" in timeline
+        escalation = re.search(r'<dl class="escalation" id="escalation" data-state="running">(.*?)</dl>',
+                               page, re.S).group(1)
+        assert "<strong>page-ops</strong>" in escalation and "3 steps" in escalation and "next: step 3" in escalation
+        due = (await store.escalation_of(gid))["due_at"]
+        assert datetime.fromtimestamp(due, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") in escalation
+        notifications = re.search(r'<table class="notifications" id="notifications">(.*?)</table>', page, re.S).group(1)
+        assert "ops-hook" in notifications and "nstate-sent" in notifications and "<td>2</td>" in notifications
+
+        # Acknowledge here: the change, who made it, the stopped escalation, the "acknowledged" notification.
+        status, _, _ = await b.post(f"/ui/groups/{gid}/acknowledge", data={"_csrf": b.csrf})
+        assert status == 303
+
+        async def told():
+            return [n["state"] for n in await store.notifications_of(gid)] == ["sent", "sent"]
+
+        assert await wait_for(told), await store.notifications_of(gid)
+        status, page, _ = await b.get(f"/ui/groups/{gid}")
+        assert "acknowledged</strong> — by user" in page and 'data-state="stopped"' in page
+        assert "ops-hook (acknowledged), attempt 1: sent" in page
+        # The page and the REST timeline tell the same story, in the same order.
+        status, api = await h.api("GET", f"alert_groups/{gid}/timeline/")
+        assert status == 200
+        shown = re.findall(r'<li data-event="([a-z_]+)"', page)
+        assert shown == [e["event"] for e in api["results"]]
+        assert api["results"][0] == {"at": api["results"][0]["at"], "event": "created",
+                                     "detail": {"integration_id": "pg", "route_id": "critical"}}
+        assert api["escalation"]["state"] == "stopped" and len(api["notifications"]) == 2
+    finally:
+        await b.close()
+
+
 # -- template editor --------------------------------------------------------------------
 
 
@@ -445,7 +680,7 @@ async def log_in(page, base: str, path: str, shot: str | None = None):
     await page.wait_for_url(f"**{path}")
 
 
-async def test_browser_login_and_copy_an_integration_url(tocsin, chromium):
+async def test_browser_login_copy_an_integration_url_and_maintenance(tocsin, chromium):
     await new_group(tocsin)
     page = await browser_page(chromium, tocsin.base, clipboard=True)
     await page.goto(tocsin.base + "/ui/login")
@@ -459,6 +694,38 @@ async def test_browser_login_and_copy_an_integration_url(tocsin, chromium):
     copied = await page.evaluate("navigator.clipboard.readText()")
     assert copied == f"http://127.0.0.1:8080/integrations/v1/webhook/{TOKEN['wh']}/"
     await page.screenshot(path=str(ARTIFACTS / "ui-integrations.png"), full_page=True)
+    # Start maintenance on the webhook integration, see it, open its group, stop it.
+    row = page.locator('tr[data-integration="wh"]')
+    await expect(row.locator("td.maintenance")).to_have_attribute("data-maintenance", "")
+    await row.locator('select[name="mode"]').select_option("maintenance")
+    await row.locator('select[name="duration"]').select_option(label="6 hours")
+    await row.locator('button[data-maintenance-action="start"]').click()
+    await expect(page.locator("#flash")).to_contain_text("Test webhook: maintenance mode until")
+    row = page.locator('tr[data-integration="wh"]')
+    await expect(row.locator("td.maintenance")).to_have_attribute("data-maintenance", "maintenance")
+    await expect(row.locator("td.maintenance")).to_contain_text("UTC")
+    info = tocsin.daemon.current().store.maintenance["wh"]
+    assert info["mode"] == "maintenance" and 21590 < info["ends_at"] - time.time() <= 21600
+    await page.screenshot(path=str(ARTIFACTS / "ui-integrations-maintenance.png"), full_page=True)
+    # Starting it twice (from a stale page in another tab) shows the refusal.
+    other = await page.context.new_page()
+    await other.goto(tocsin.base + "/ui/integrations")
+    await other.locator('tr[data-integration="am"] button[data-maintenance-action="start"]').click()
+    await expect(other.locator("#flash")).to_contain_text("Test alertmanager: debug mode until")
+    await page.locator('tr[data-integration="am"] button[data-maintenance-action="start"]').click()
+    await expect(page.locator("#flash.error")).to_have_text("Test alertmanager: Already on maintenance")
+    await other.close()
+    await page.locator('tr[data-integration="wh"] td.maintenance a').click()
+    await expect(page.locator('#timeline li[data-event="maintenance_started"]')).to_be_visible()
+    await page.screenshot(path=str(ARTIFACTS / "ui-group-maintenance.png"), full_page=True)
+    await page.go_back()
+    await page.locator('tr[data-integration="wh"] button[data-maintenance-action="stop"]').click()
+    await expect(page.locator("#flash")).to_have_text(
+        "Test webhook: maintenance stopped. 1 alert group resolved.")
+    row = page.locator('tr[data-integration="wh"]')
+    await expect(row.locator("td.maintenance")).to_have_attribute("data-maintenance", "")
+    await expect(row.locator('button[data-maintenance-action="start"]')).to_be_visible()
+    assert "wh" not in tocsin.daemon.current().store.maintenance
 
 
 async def test_browser_editing_the_grouping_template_changes_the_preview(tocsin, chromium):
@@ -504,3 +771,25 @@ async def test_browser_acknowledge_a_group(tocsin, chromium):
     await page.wait_for_selector("#group-state")
     assert await page.text_content("#group-state") == "resolved"
     await page.screenshot(path=str(ARTIFACTS / "ui-group.png"), full_page=True)
+
+
+async def test_browser_group_page_timeline(start_tocsin, chromium, hook):
+    url, _ = hook
+    h = await start_tocsin(extra_integrations=paged_config(url))
+    status, body = await h.post("pg", {"title": "db down"}, kind="webhook", token="tok-paged-ui-0001")
+    gid = body["alert_group_id"]
+    page = await browser_page(chromium, h.base)
+    await log_in(page, h.base, f"/ui/groups/{gid}")
+    # The delivery fails once, then is retried: a reload shows both attempts.
+    for _ in range(60):
+        if await page.locator('#timeline li[data-outcome="sent"]').count():
+            break
+        await asyncio.sleep(0.25)
+        await page.reload()
+    await expect(page.locator('#timeline li[data-outcome="retrying"] code.notifier-detail')).to_have_text(
+        "HTTP 500: " + XSS + " <b>boom</b>")
+    await expect(page.locator("#escalation")).to_have_attribute("data-state", "running")
+    await page.screenshot(path=str(ARTIFACTS / "ui-group-escalation.png"), full_page=True)
+    await page.click('button[data-action="acknowledge"]')
+    await expect(page.locator("#escalation")).to_have_attribute("data-state", "stopped")
+    await expect(page.locator('#timeline li[data-event="acknowledged"]')).to_contain_text("by user")

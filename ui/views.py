@@ -14,10 +14,11 @@ import jinja2
 from aiohttp import web
 
 from grouping.pipeline import TEMPLATE_NAMES, Integration, IntegrationError, build_integration
-from handlers.api import STATES, Api, alert_json, parse_time, render_output
+from handlers.api import STATES, Api, _human, alert_json, group_story, parse_time, render_output
 from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
 
 from . import editor
+from .timeline import describe, escalation_view
 from .auth import CSRF_FIELD, CSRF_HEADER, LOGIN_COOKIE, SESSION_COOKIE, Sessions, same, token_matches
 from .filters import filters, when
 
@@ -36,6 +37,11 @@ FLASH = _key("flash", object) if _key else "flash"
 # Grafana OnCall's silence choices.
 SILENCE_CHOICES = ((1800, "30 minutes"), (3600, "1 hour"), (7200, "2 hours"), (21600, "6 hours"),
                    (43200, "12 hours"), (57600, "16 hours"), (86400, "24 hours"), (-1, "forever"))
+# Grafana OnCall's maintenance modes and durations.
+MAINTENANCE_MODES = (("debug", "Debug (groups form, nothing escalates)"),
+                     ("maintenance", "Maintenance (one group collects everything)"))
+MAINTENANCE_CHOICES = ((3600, "1 hour"), (10800, "3 hours"), (21600, "6 hours"), (43200, "12 hours"),
+                       (86400, "24 hours"))
 ACTION_LABELS = {"acknowledge": "Acknowledge", "unacknowledge": "Unacknowledge", "resolve": "Resolve",
                  "unresolve": "Unresolve", "silence": "Silence", "unsilence": "Unsilence"}
 
@@ -93,6 +99,8 @@ class Views:
             web.get("/login", self.login_form), web.post("/login", self.login),
             web.post("/logout", self.logout),
             web.get("/integrations", self.integrations),
+            web.post("/integrations/{id}/maintenance/start", self.maintenance_start),
+            web.post("/integrations/{id}/maintenance/stop", self.maintenance_stop),
             web.get("/integrations/{id}/templates", self.templates_page),
             web.post("/integrations/{id}/templates", self.templates_save),
             web.post("/api/integrations/{id}/preview", self.preview),
@@ -242,6 +250,7 @@ class Views:
         for iid, state, n in await store.count_open_groups():
             open_counts.setdefault(iid, {})[state] = n
         beats = await store.heartbeats()
+        timeouts = {c.id: c.heartbeat_timeout for c in getattr(self.daemon.config, "integrations", ())}
         rows = []
         for i in pipeline.integrations.values():
             counts = open_counts.get(i.id, {})
@@ -250,9 +259,41 @@ class Views:
                 "json": self.api.integration_json(i),
                 "open": sum(counts.values()),
                 "open_by_state": counts,
-                "heartbeat": beats.get(i.id),
+                "heartbeat": _heartbeat(beats.get(i.id), timeouts.get(i.id)),
+                "maintenance": store.maintenance.get(i.id),
             })
-        return self.page(request, "integrations.html", title="Integrations", section="integrations", rows=rows)
+        return self.page(request, "integrations.html", title="Integrations", section="integrations", rows=rows,
+                         modes=MAINTENANCE_MODES, durations=MAINTENANCE_CHOICES)
+
+    async def maintenance_start(self, request: web.Request) -> web.Response:
+        """Start maintenance as the API's maintenance_start does (same title, same refusals)."""
+        i = self._integration(request)
+        form = await request.post()
+        mode = form.get("mode")
+        try:
+            seconds = int(str(form.get("duration", "")))
+        except ValueError:
+            seconds = 0
+        if mode not in dict(MAINTENANCE_MODES):
+            return self._redirect("/ui/integrations", "Choose debug or maintenance mode.", error=True)
+        if seconds not in dict(MAINTENANCE_CHOICES):
+            return self._redirect("/ui/integrations", "Choose how long the maintenance lasts.", error=True)
+        title = f"Maintenance of {i.name} for {_human(seconds)}"
+        try:
+            info = await self.daemon.current().store.maintenance_start(i.id, mode, float(seconds), title)
+        except InvalidTransition as exc:
+            return self._redirect("/ui/integrations", f"{i.name}: {exc}", error=True)
+        return self._redirect("/ui/integrations",
+                              f"{i.name}: {mode} mode until {when(info['ends_at'])}.")
+
+    async def maintenance_stop(self, request: web.Request) -> web.Response:
+        i = self._integration(request)
+        try:
+            resolved = await self.daemon.current().store.maintenance_stop(i.id)
+        except InvalidTransition as exc:
+            return self._redirect("/ui/integrations", f"{i.name}: {exc}", error=True)
+        more = f" {resolved} alert group{'' if resolved == 1 else 's'} resolved." if resolved else ""
+        return self._redirect("/ui/integrations", f"{i.name}: maintenance stopped.{more}")
 
     # -- template editor -------------------------------------------------------------
 
@@ -461,22 +502,30 @@ class Views:
                 decision = render_output(await pipeline.decide(integration, payload, full=True,
                                                                alert_group_id=g.id))
             shown.append({"alert": a, "payload": payload, "decision": decision})
-        timeline = [(g.created_at, "created", None)]
-        if g.acknowledged_at:
-            timeline.append((g.acknowledged_at, "acknowledged", g.acknowledged_by))
-        if g.silenced_at:
-            timeline.append((g.silenced_at, "silenced",
-                             "until " + when(g.silenced_until) if g.silenced_until else "forever"))
-        if g.resolved_at:
-            timeline.append((g.resolved_at, "resolved", g.resolved_by))
+        story = await group_story(pipeline.store, g)
+        names = {iid: i.name for iid, i in pipeline.integrations.items()}
+        timeline = [describe(e, names) for e in story["entries"]]
+        if len(timeline) == 1:
+            # A group from before the timeline was recorded (schema 1): what its own fields tell.
+            for at, event, by in ((g.acknowledged_at, "acknowledged", g.acknowledged_by),
+                                  (g.silenced_at, "silenced", None), (g.resolved_at, "resolved", g.resolved_by)):
+                if at:
+                    timeline.append(describe({"at": at, "event": event, "detail": {"by": by} if by else {}}))
+        for entry in timeline:
+            if entry["event"] == "silenced" and g.state == "silenced" and entry["at"] == g.silenced_at:
+                until = f"until {when(g.silenced_until)}" if g.silenced_until else "forever"
+                entry["text"] = f"{entry['text']}, {until}" if entry["text"] else until
         if g.last_alert_at and g.alerts_count > 1:
-            timeline.append((g.last_alert_at, "last alert", f"{g.alerts_count} alerts in all"))
-        timeline.sort(key=lambda t: t[0])
+            timeline.append({**describe({"at": g.last_alert_at, "event": "last_alert"}),
+                             "text": f"{g.alerts_count} alerts in all"})
+        timeline.sort(key=lambda e: e["at"] or 0)
         pages = max(1, -(-count // GROUP_ALERTS_PAGE))
         source_link = next((s["decision"]["source_link"] for s in shown if s["decision"]), None) if page == 1 else None
         return self.page(
             request, "group.html", title=g.title or g.id, section="groups", g=g, integration=integration,
             alerts=shown, alerts_count=count, page=page, pages=pages, timeline=timeline, source_link=source_link,
+            escalation=escalation_view(story["escalation"]), notifications=story["notifications"],
+            maintenance=_maintenance_of(pipeline.store, g),
             allowed=ALLOWED_FROM, silence_choices=SILENCE_CHOICES, labels=ACTION_LABELS,
             here=f"/ui/groups/{g.id}",
         )
@@ -504,6 +553,27 @@ class Views:
         done = {"acknowledge": "acknowledged", "unacknowledge": "unacknowledged", "resolve": "resolved",
                 "unresolve": "unresolved", "silence": "silenced", "unsilence": "unsilenced"}[action]
         return self._redirect(back, f"Alert group {group_id} {done}.")
+
+
+def _heartbeat(beat: tuple[float, str] | None, timeout: float | None) -> dict:
+    """What the integrations page says about a heartbeat: off (no heartbeat_timeout),
+    never (armed by the first ping), alive or expired; with the last ping and the timeout."""
+    last_seen = beat[0] if beat else None
+    if timeout is None:
+        state = "off"
+    elif beat is None:
+        state = "never"
+    else:
+        state = "expired" if beat[1] == "expired" else "alive"
+    return {"state": state, "last_seen": last_seen, "timeout": timeout}
+
+
+def _maintenance_of(store, g) -> dict | None:
+    """The maintenance a group belongs to (its collecting group, or attached to it), if still on."""
+    for iid, info in store.maintenance.items():
+        if info.get("group_id") and info["group_id"] in (g.id, getattr(g, "root_group_id", None)):
+            return {"integration_id": iid, **info}
+    return None
 
 
 def _static_version(folder: Path) -> str:
