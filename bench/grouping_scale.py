@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from store import NewAlert, Store, public_id
+from store import NewAlert, Store
+from store.db import row_id
 
 
 def fill(path: Path, alerts: int) -> None:
@@ -25,13 +26,15 @@ def fill(path: Path, alerts: int) -> None:
     groups = alerts // 5
     now = time.time() - 86400
     batch_g, batch_a = [], []
+    seq = 0
     for g in range(groups):
-        gid = public_id("I")
+        gid = row_id("I", g + 1)
         resolved = g % 10 != 0
         batch_g.append((gid, "scale", f"key-{g}", "resolved" if resolved else "new", None if resolved else 1,
                         "t", 5, now, now if resolved else None, gid))
         for _ in range(5):
-            batch_a.append((public_id("A"), gid, "scale", now, "http", 0, '{"x": 1}'))
+            seq += 1
+            batch_a.append((row_id("A", seq), gid, "scale", now, "http", 0, '{"x": 1}'))
         if len(batch_a) >= 50000:
             _flush(db, batch_g, batch_a)
     _flush(db, batch_g, batch_a)
