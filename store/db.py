@@ -43,15 +43,18 @@ def public_id(prefix: str) -> str:
     return prefix + os.urandom(12).translate(_ID_TABLE).decode("ascii")
 
 
+_SORTED_ALPHABET = "".join(sorted(_ID_ALPHABET))  # digits before letters, as ASCII sorts them
+
+
 def row_id(prefix: str, seq: int) -> str:
     """The public id of a group or alert row: 8 characters of its sequence number, then 4
-    random ones. Grafana OnCall's alphabet is in ASCII order, so ids sort like rows and
+    random ones. The digits use the alphabet in ASCII order, so ids sort like rows and
     the unique index on them grows at its end instead of at random pages (measured on a
     million alerts: a commit of 64 alerts 8 ms -> 3 ms). Unique by construction."""
     digits = []
     for _ in range(8):
         seq, r = divmod(seq, 34)
-        digits.append(_ID_ALPHABET[r])
+        digits.append(_SORTED_ALPHABET[r])
     return prefix + "".join(reversed(digits)) + os.urandom(4).translate(_ID_TABLE).decode("ascii")
 
 

@@ -201,3 +201,13 @@ async def test_list_filters_and_pagination(tocsin):
     assert status == 400
     status, alerts = await tocsin.api("GET", f"alerts/?alert_group_id={first['alert_group_id']}")
     assert alerts["count"] == 1 and alerts["results"][0]["payload"]["state"] == "ok"
+
+
+def test_row_ids_sort_like_rows():
+    # The unique indexes on ids grow at their end only if ids sort in row order.
+    from store.db import row_id
+
+    seqs = [1, 2, 33, 34, 35, 1000, 10**6, 34**4, 10**9, 34**8 - 1]
+    ids = [row_id("A", n) for n in seqs]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(len(i) == 13 for i in ids)
