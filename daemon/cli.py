@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
 from . import config as cfg
+from . import logs
 from .app import Daemon, build_integrations, load_config
 
 
@@ -17,20 +17,12 @@ def _fail(message: str) -> int:
     return 1
 
 
-def setup_logging(level: str = "INFO", fmt: str = "logfmt") -> None:
-    if fmt == "json":
-        pattern = '{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}'
-    else:
-        pattern = "ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)r"
-    logging.basicConfig(level=level, format=pattern, stream=sys.stdout, force=True)
-
-
 def cmd_serve(args) -> int:
     try:
         config = load_config(args.config)
     except cfg.ConfigError as exc:
         return _fail("invalid configuration:\n" + "\n".join(exc.problems))
-    setup_logging(config.daemon.log_level, config.daemon.log_format)
+    logs.setup(config.daemon.log_level, config.daemon.log_format)
     daemon = Daemon(config)
     try:
         asyncio.run(daemon.serve_forever())

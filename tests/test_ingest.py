@@ -214,3 +214,40 @@ async def test_unknown_path_and_api_auth(tocsin):
     assert status == 401
     status, res = await tocsin.api("GET", "alert_groups/", token=f"Bearer {API_TOKEN}")
     assert status == 200
+
+
+async def test_hostile_templates_keep_the_alert_and_the_service(start_tocsin):
+    """A runaway grouping template costs its own alert a template error (it stands alone),
+    a sandbox escape in the title shows as a Template Error, and meanwhile other
+    integrations are served at once."""
+    import asyncio
+    import time
+
+    extra = r"""
+[[integrations]]
+id = "slow"
+kind = "webhook"
+token = "tok-slow-0000001"
+[integrations.templates]
+grouping_id = "{% for a in payload.x %}{% for b in payload.x %}{% for c in payload.x %}{{ a }}{% endfor %}{% endfor %}{% endfor %}"
+title = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+resolve_condition = '{{ payload.s | regex_search("(a|aa)+$") }}'
+"""
+    h = await start_tocsin(extra_integrations=extra)
+    from conftest import KIND as K, TOKEN as T
+
+    K["slow"], T["slow"] = "webhook", "tok-slow-0000001"
+    hostile = {"x": list(range(400)), "s": "a" * 40 + "!"}
+    slow = asyncio.create_task(h.post("slow", hostile))
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    for n in range(10):  # served while the hostile render runs in a worker thread
+        assert (await h.post("fw", {"alert_uid": f"meanwhile-{n}"}))[0] == 200
+    fast = time.monotonic() - t0
+    status, res = await slow
+    assert status == 200
+    assert fast < 0.9, f"other traffic waited {fast:.2f} s behind a hostile template"
+    g = (await h.api("GET", f"alert_groups/{res['alert_group_id']}/"))[1]
+    assert g["title"].startswith("Template Error") and g["state"] == "new"
+    status, res2 = await h.post("slow", hostile)
+    assert res2["alert_group_id"] != res["alert_group_id"]  # the failed grouping id stands alone

@@ -281,3 +281,13 @@ async def test_connection_cap_and_slow_body(start_tocsin):
     assert answer.startswith(b"HTTP/1.1 408")
     writer.close()
     assert (await h.post("fw", {"alert_uid": "after"}))[0] == 200
+
+
+def test_json_logs_are_one_object_per_line(spawn):
+    proc = spawn(daemon_extra='log_format = "json"')
+    assert proc.stop() == 0
+    lines = [line for line in proc.output if line.strip()]
+    assert len(lines) >= 3
+    events = [json.loads(line) for line in lines]
+    assert all(set(e) >= {"ts", "level", "logger", "msg"} for e in events)
+    assert any(e["msg"].startswith("tocsin ready") for e in events)
