@@ -12,7 +12,6 @@ import asyncio
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -115,7 +114,6 @@ def main() -> None:
         )
         proc, port = start([sys.executable, "-m", "daemon", "serve", "-c", str(cfg)],
                            r"tocsin ready http=[^ ]+:(\d+)")
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
         try:
             asyncio.run(run(port, proc.pid, args))
         finally:

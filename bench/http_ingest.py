@@ -57,6 +57,7 @@ def start(cmd: list[str], pattern: str) -> tuple[subprocess.Popen, int]:
             break
         m = re.search(pattern, line)
         if m:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
             return proc, int(m.group(1))
     proc.kill()
     raise RuntimeError(f"{cmd} did not start")
@@ -131,7 +132,6 @@ def main() -> None:
             ("tocsin", [sys.executable, "-m", "daemon", "serve", "-c", str(cfg)], r"tocsin ready http=[^ ]+:(\d+)"),
         ):
             proc, port = start(cmd, pattern)
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
             try:
                 results[name] = asyncio.run(drive(port, args.requests, args.connections))
                 results[name]["rss"], results[name]["peak"] = rss_mib(proc.pid)

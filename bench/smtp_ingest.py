@@ -18,14 +18,15 @@ import asyncio
 import os
 import re
 import sqlite3
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from http_ingest import rss_mib, start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-mail-token-01"
@@ -74,33 +75,10 @@ def message(n: int) -> bytes:
     return b"".join((b"." + l if l.startswith(b".") else l) + b"\r\n" for l in raw) + b".\r\n"
 
 
-def start(cmd: list[str], pattern: str) -> tuple[subprocess.Popen, int]:
-    """Run a server; return it and the port its ready line names."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(pattern, line)
-        if m:
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            return proc, int(m.group(1))
-    proc.kill()
-    raise RuntimeError(f"{cmd} did not start")
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (all its threads) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Session:
@@ -226,7 +204,7 @@ def main() -> None:
                         cpu = cpu_seconds(proc.pid)
                         r = asyncio.run(drive(port, args.messages, args.clients, per_connection))
                         r["cpu"] = (cpu_seconds(proc.pid) - cpu) / max(1, r["sent"] + 20) * 1000
-                        r["rss"] = rss_mib(proc.pid)
+                        r["rss"] = rss_mib(proc.pid)[1]
                         runs.setdefault((name, case), []).append(r)
         finally:
             for proc, _ in servers.values():

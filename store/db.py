@@ -842,19 +842,8 @@ class Store:
         offset: int = 0,
     ) -> tuple[int, list[Group]]:
         """Groups newest first, with the total count for pagination."""
-        where, params = [], []
-        for column, value in (("state", state), ("integration_id", integration_id), ("id", group_id),
-                              ("route_id", route_id)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if since is not None:
-            where.append("created_at >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("created_at <= ?")
-            params.append(until)
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        clause, params = _where((("state = ?", state), ("integration_id = ?", integration_id), ("id = ?", group_id),
+                                 ("route_id = ?", route_id), ("created_at >= ?", since), ("created_at <= ?", until)))
         (count,) = (await self._fetch(f"SELECT count(*) FROM alert_groups{clause}", params))[0]
         rows = await self._fetch(f"{_GROUP_SELECT}{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
                                  [*params, limit, offset])
@@ -876,14 +865,7 @@ class Store:
         self, *, alert_group_id: str | None = None, integration_id: str | None = None,
         limit: int = 50, offset: int = 0, newest_first: bool = False,
     ) -> tuple[int, list[dict]]:
-        where, params = [], []
-        if alert_group_id is not None:
-            where.append("alert_group_id = ?")
-            params.append(alert_group_id)
-        if integration_id is not None:
-            where.append("integration_id = ?")
-            params.append(integration_id)
-        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        clause, params = _where((("alert_group_id = ?", alert_group_id), ("integration_id = ?", integration_id)))
         (count,) = (await self._fetch(f"SELECT count(*) FROM alerts{clause}", params))[0]
         order = "DESC" if newest_first else "ASC"
         rows = await self._fetch(
@@ -941,6 +923,13 @@ def _alert(row) -> dict:
         "id": row[0], "alert_group_id": row[1], "integration_id": row[2], "created_at": row[3],
         "source": row[4], "is_resolve_signal": bool(row[5]), "payload": row[6],
     }
+
+
+def _where(conditions) -> tuple[str, list]:
+    """A WHERE clause of the conditions whose value is not None, and its parameters."""
+    used = [(sql, value) for sql, value in conditions if value is not None]
+    clause = (" WHERE " + " AND ".join(sql for sql, _ in used)) if used else ""
+    return clause, [value for _, value in used]
 
 
 def _chunks(items: list[str]):
