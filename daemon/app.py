@@ -165,7 +165,9 @@ class Daemon:
             await asyncio.sleep(1)
             try:
                 now = time.time()
-                await self.store.expire_silences(now)
+                ends = await self.store.next_silence_end()
+                if ends is not None and ends <= now:
+                    await self.store.expire_silences(now)
                 retention = self.config.daemon.retention
                 if retention and now >= next_prune:
                     # Small batches through the writer, so ingestion never waits long behind them.

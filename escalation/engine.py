@@ -99,6 +99,9 @@ class Engine:
 
     async def _escalations(self) -> bool:
         """Advance every due escalation; True when there may be more right away."""
+        due = await self.store.next_escalation_due()  # a read: the writer is only asked when needed
+        if due is None or due > time.time():
+            return False
         return await self.store.escalate(planner, limit=BATCH) >= BATCH
 
     # -- deliveries --------------------------------------------------------------------

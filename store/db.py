@@ -902,6 +902,10 @@ class Store:
         return [dict(zip(("id", "notifier", "event", "step", "state", "attempts", "detail", "created_at"), r))
                 for r in rows]
 
+    async def next_silence_end(self) -> float | None:
+        rows = await self._fetch("SELECT min(silenced_until) FROM alert_groups WHERE state = 'silenced'")
+        return rows[0][0] if rows else None
+
     async def next_escalation_due(self) -> float | None:
         rows = await self._fetch("SELECT min(due_at) FROM escalations WHERE state = 'running'")
         return rows[0][0] if rows else None
