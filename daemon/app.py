@@ -147,6 +147,7 @@ class Daemon:
         site = GatedSite(self._runner, c.http.host, c.http.port, max_connections=c.http.max_connections)
         await site.start()
         self.http_port = self._runner.addresses[0][1]
+        self._http_listen = (c.http.host, c.http.port)
         if c.smtp is not None:
             from handlers.smtp import SmtpIngress
 
@@ -189,6 +190,10 @@ class Daemon:
             self.notify("READY=1")
             return False
         self.config, self.pipeline = new, pipeline
+        if self._smtp is not None and new.smtp is not None and not self._smtp.reconfigure(new.smtp):
+            log.warning("reload: the [smtp] listen address or TLS files changed; they apply after a restart")
+        if (new.http.host, new.http.port) != (self._http_listen):
+            log.warning("reload: the [http] listen address changed; it applies after a restart")
         log.info("config reloaded integrations=%d", len(new.integrations))
         self.notify("READY=1")
         return True

@@ -93,6 +93,20 @@ class SmtpIngress:
         log.info("smtp listening host=%s port=%s domains=%s starttls=%s",
                  s.host, self.port, ",".join(sorted(self._domains)), self._tls is not None)
 
+    def reconfigure(self, settings: Any) -> bool:
+        """Take a reloaded [smtp] table: domains, allowed networks and limits apply to the
+        next session. False when it changes what needs a restart (listen address, TLS)."""
+        old = self.settings
+        if (settings.host, settings.port, settings.tls_cert, settings.tls_key) != (
+                old.host, old.port, old.tls_cert, old.tls_key):
+            return False
+        self.settings = settings
+        self._domains = frozenset(d.lower().rstrip(".") for d in settings.domains)
+        self._networks = tuple(ipaddress.ip_network(str(n), strict=False) for n in settings.allowed_networks)
+        self._session_args.update(data_size_limit=settings.max_message_bytes, hostname=settings.domain,
+                                  timeout=settings.session_timeout)
+        return True
+
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting; idle sessions get 421 now, sessions in DATA after their reply."""
         if self._server is None:

@@ -291,3 +291,26 @@ def test_json_logs_are_one_object_per_line(spawn):
     events = [json.loads(line) for line in lines]
     assert all(set(e) >= {"ts", "level", "logger", "msg"} for e in events)
     assert any(e["msg"].startswith("tocsin ready") for e in events)
+
+
+async def test_reload_applies_new_smtp_domains(start_tocsin):
+    import smtplib
+
+    h = await start_tocsin(smtp=True)
+    port = h.daemon.smtp_port
+    to = f"{TOKEN['mail']}@alerts.example.org"
+
+    def send():
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            try:
+                s.sendmail("dev@example.com", [to], b"Subject: reload\r\n\r\nbody\r\n")
+                return 250
+            except smtplib.SMTPRecipientsRefused as exc:
+                return exc.recipients[to][0]
+
+    assert await asyncio.to_thread(send) == 550
+    text = h.config_path.read_text().replace('domain = "alerts.example.com"',
+                                             'domain = "alerts.example.com"\nextra_domains = ["alerts.example.org"]')
+    h.config_path.write_text(text)
+    assert h.daemon.reload(h.config_path)
+    assert await asyncio.to_thread(send) == 250
