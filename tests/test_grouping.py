@@ -211,3 +211,30 @@ def test_row_ids_sort_like_rows():
     ids = [row_id("A", n) for n in seqs]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert all(len(i) == 13 for i in ids)
+
+
+async def test_migrations_upgrade_an_old_database_in_place(tmp_path):
+    """A database made by schema version 1 opens, migrates to the latest, keeps its rows,
+    and its open group still takes the next alert."""
+    from store import NewAlert, Store
+    from store.schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for statement in filter(str.strip, MIGRATIONS[0].split(";")):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute("INSERT INTO alert_groups (id, integration_id, grouping_key, state, open, alerts_count, created_at)"
+               " VALUES ('IOLD', 'fw', 'k', 'new', 1, 1, 0)")
+    db.commit()
+    db.close()
+    store = Store(path)
+    await store.open()
+    try:
+        [stored] = await store.add_alerts([NewAlert("fw", "k", "{}")])
+        assert stored.alert_group_id == "IOLD" and not stored.group_created
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert db.execute("SELECT alerts_count FROM alert_groups WHERE id = 'IOLD'").fetchone()[0] == 2
