@@ -192,8 +192,7 @@ class Api:
     async def maintenance_start(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
         try:
-            raw = await read_body(request, 65536)
-            body = parse_json_body(raw)[0] if raw.strip() else {}
+            body = await _optional_json(request)
         except BadBody as exc:
             return error(exc.status, str(exc))
         mode = body.get("mode") if isinstance(body, dict) else None
@@ -301,22 +300,20 @@ class Api:
         delay = None
         if action == "silence":
             try:
-                raw = await read_body(request, 65536)
-                body = parse_json_body(raw)[0] if raw.strip() else {}
+                body = await _optional_json(request)
             except BadBody as exc:
                 return error(exc.status, str(exc))
             delay = body.get("delay") if isinstance(body, dict) else None
             if not isinstance(delay, int) or isinstance(delay, bool) or delay < -1:
                 return error(400, "silence needs {\"delay\": seconds} (-1 = forever)")
         try:
-            await self.get_pipeline().store.act(request.match_info["id"], action, delay=delay)
+            g = await self.get_pipeline().store.act(request.match_info["id"], action, delay=delay)
         except NotFound as exc:
             return error(404, str(exc))
         except InvalidTransition as exc:
             return error(400, str(exc))
         except StoreUnavailable as exc:
             return error(503, f"storage unavailable, retry later: {exc}", headers={"Retry-After": "5"})
-        g = await self.get_pipeline().store.get_group(request.match_info["id"])
         return web.json_response((await self.group_json([g]))[0])
 
     async def timeline(self, request: web.Request) -> web.Response:
@@ -360,6 +357,12 @@ async def group_story(store, g: Group) -> dict:
     entries += [{"at": e["at"], "event": e["event"], "detail": e["detail"]} for e in await store.timeline(g.id)]
     return {"entries": entries, "escalation": await store.escalation_of(g.id),
             "notifications": await store.notifications_of(g.id)}
+
+
+async def _optional_json(request: web.Request, limit: int = 65536):
+    """A small JSON body for an action; an empty body is {}."""
+    raw = await read_body(request, limit)
+    return parse_json_body(raw)[0] if raw.strip() else {}
 
 
 def _human(seconds: float) -> str:

@@ -69,11 +69,16 @@ def parse_json_body(body: bytes) -> tuple[Any, str]:
 BODY_TIMEOUT = 30.0
 
 
+def refuse_declared_length(request: web.Request, limit: int) -> None:
+    """BadBody(413) before reading, when Content-Length already says the body is too big."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
+
+
 async def read_body(request: web.Request, limit: int, timeout: float = BODY_TIMEOUT) -> bytes:
     """The whole body, or BadBody(413) as soon as it passes `limit` bytes, or BadBody(408)
     when it takes longer than `timeout` to arrive (a stalled client frees its slot)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
+    refuse_declared_length(request, limit)
     length = request.content_length
     if length is not None:
         # The common case: the whole body already arrived with the headers.
@@ -102,8 +107,7 @@ async def parse_payload(request: web.Request, limit: int, timeout: float = BODY_
     """The payload a request carries, and its JSON text when it came as JSON."""
     ctype = request.content_type
     if ctype == "multipart/form-data":
-        if request.content_length is not None and request.content_length > limit:
-            raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
+        refuse_declared_length(request, limit)
         try:
             form = await request.post()
         except web.HTTPRequestEntityTooLarge:
