@@ -35,6 +35,14 @@ TOKEN = {i: t for i, _, t in INTEGRATIONS}
 KIND = {i: k for i, k, _ in INTEGRATIONS}
 
 
+def integration(iid: str, kind: str, token: str, rest: str = "", name: str | None = None) -> str:
+    """An extra [[integrations]] block for `extra_integrations`; Harness.post then knows its URL.
+    `rest` follows the token line (more keys, a templates table, routes)."""
+    KIND[iid], TOKEN[iid] = kind, token
+    named = f'name = "{name}"\n' if name else ""
+    return f'\n[[integrations]]\nid = "{iid}"\n{named}kind = "{kind}"\ntoken = "{token}"\n{rest}\n'
+
+
 def corpus(name: str) -> bytes:
     return (CORPUS / name).read_bytes()
 

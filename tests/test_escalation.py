@@ -10,7 +10,7 @@ import time
 import pytest
 from aiohttp import web
 
-from conftest import API_TOKEN, KIND, TOKEN, write_config
+from conftest import TOKEN, integration, write_config
 from escalation.chains import Chain, Step, next_window_start, plan
 
 
@@ -50,14 +50,7 @@ async def receiver():
 
 
 def chain_config(url: str, *, steps: str, timeout: str = "", events: str = '["acknowledged", "resolved"]') -> str:
-    KIND["pg"], TOKEN["pg"] = "alertmanager", "tok-paged-000001"
-    return f"""
-[[integrations]]
-id = "pg"
-name = "Paged"
-kind = "alertmanager"
-token = "tok-paged-000001"
-{timeout}
+    return integration("pg", "alertmanager", "tok-paged-000001", name="Paged", rest=timeout) + f"""
 [[integrations.routes]]
 id = "critical"
 condition = '{{{{ payload.commonLabels.severity == "critical" }}}}'

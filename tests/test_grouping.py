@@ -79,22 +79,14 @@ async def test_unresolve_does_not_reopen_for_grouping(tocsin):
 
 
 async def test_acknowledge_condition(start_tocsin):
-    extra = """
-[[integrations]]
-id = "ackable"
-name = "Ackable"
-kind = "formatted_webhook"
-token = "tok-ackable-0001"
-[integrations.templates]
-acknowledge_condition = '{{ payload.state == "acked" }}'
-"""
-    h = await start_tocsin(extra_integrations=extra)
-    url_iid = "ackable"
-    from conftest import KIND, TOKEN
+    from conftest import integration
 
-    KIND[url_iid], TOKEN[url_iid] = "formatted_webhook", "tok-ackable-0001"
-    _, first = await h.post(url_iid, fw("a1"))
-    _, second = await h.post(url_iid, fw("a1", "acked"))
+    h = await start_tocsin(extra_integrations=integration(
+        "ackable", "formatted_webhook", "tok-ackable-0001",
+        """[integrations.templates]
+acknowledge_condition = '{{ payload.state == "acked" }}'""", name="Ackable"))
+    _, first = await h.post("ackable", fw("a1"))
+    _, second = await h.post("ackable", fw("a1", "acked"))
     assert second["alert_group_id"] == first["alert_group_id"]
     g = await group_of(h, second)
     assert g["state"] == "acknowledged" and g["acknowledged_by"] == "source"

@@ -223,20 +223,13 @@ async def test_hostile_templates_keep_the_alert_and_the_service(start_tocsin):
     import asyncio
     import time
 
-    extra = r"""
-[[integrations]]
-id = "slow"
-kind = "webhook"
-token = "tok-slow-0000001"
-[integrations.templates]
+    from conftest import integration
+
+    templates = r"""[integrations.templates]
 grouping_id = "{% for a in payload.x %}{% for b in payload.x %}{% for c in payload.x %}{{ a }}{% endfor %}{% endfor %}{% endfor %}"
 title = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
-resolve_condition = '{{ payload.s | regex_search("(a|aa)+$") }}'
-"""
-    h = await start_tocsin(extra_integrations=extra)
-    from conftest import KIND as K, TOKEN as T
-
-    K["slow"], T["slow"] = "webhook", "tok-slow-0000001"
+resolve_condition = '{{ payload.s | regex_search("(a|aa)+$") }}'"""
+    h = await start_tocsin(extra_integrations=integration("slow", "webhook", "tok-slow-0000001", templates))
     hostile = {"x": list(range(400)), "s": "a" * 40 + "!"}
     slow = asyncio.create_task(h.post("slow", hostile))
     await asyncio.sleep(0.1)

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_TOKEN, ROOT, TOKEN, config_text, write_config
+from conftest import API_TOKEN, ROOT, TOKEN, config_text, integration, write_config
 
 
 def cli(*args):
@@ -147,35 +147,16 @@ async def test_metrics_count_what_was_sent(tocsin):
 
 
 async def test_template_errors_counted(start_tocsin):
-    extra = """
-[[integrations]]
-id = "broken"
-kind = "webhook"
-token = "tok-broken-00001"
-[integrations.templates]
-grouping_id = "{{ payload.a.b.c }}"
-"""
-    h = await start_tocsin(extra_integrations=extra)
-    from conftest import KIND, TOKEN as T
-
-    KIND["broken"], T["broken"] = "webhook", "tok-broken-00001"
+    h = await start_tocsin(extra_integrations=integration(
+        "broken", "webhook", "tok-broken-00001", '[integrations.templates]\ngrouping_id = "{{ payload.a.b.c }}"'))
     assert (await h.post("broken", {"x": 1}))[0] == 200
     m = await _metrics(h)
     assert m[("tocsin_template_errors_total", (("integration", "broken"), ("template", "grouping_id")))] == 1
 
 
 async def test_rate_limit(start_tocsin):
-    extra = """
-[[integrations]]
-id = "limited"
-kind = "formatted_webhook"
-token = "tok-limited-0001"
-rate_limit = "3/1m"
-"""
-    h = await start_tocsin(extra_integrations=extra)
-    from conftest import KIND, TOKEN as T
-
-    KIND["limited"], T["limited"] = "formatted_webhook", "tok-limited-0001"
+    h = await start_tocsin(extra_integrations=integration(
+        "limited", "formatted_webhook", "tok-limited-0001", 'rate_limit = "3/1m"'))
     for n in range(3):
         assert (await h.post("limited", {"alert_uid": f"r{n}"}))[0] == 200
     status, body = await h.post("limited", {"alert_uid": "r3"})
