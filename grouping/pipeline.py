@@ -276,35 +276,33 @@ class Pipeline:
         payload_json: str | None = None, raw: bytes | None = None, grouped: bool = True,
     ) -> list[Accepted]:
         """Decide and durably store the alert(s) one request carries."""
-        bodies = payloads_of(integration.kind, payload)
-        if len(bodies) != 1 or bodies[0] is not payload:
-            payload_json = None  # what is stored is what templates saw
-        with self.store.expect():
-            new = []
-            for body in bodies:
-                d = await self.decide(integration, body, grouped=grouped)
-                new.append(self._new_alert(integration, body, d, source, payload_json, raw))
-            admitted = self._admit(integration, new)
-            pending = self._submit(new, admitted)
-        return await self._finish(pending, admitted)
+        return await self._ingest([(integration, payload, payload_json)], source, raw, grouped)
 
     async def ingest_many(
         self, items: list[tuple[Integration, Any]], *, source: str, raw: bytes | None = None
     ) -> list[Accepted]:
         """One payload into several integrations, committed atomically (one email, many recipients)."""
+        return await self._ingest([(i, p, None) for i, p in items], source, raw, True)
+
+    async def _ingest(self, items, source: str, raw: bytes | None, grouped: bool) -> list[Accepted]:
         new, admitted = [], []
-        try:
-            for integration, payload in items:
-                mine = []
-                for body in payloads_of(integration.kind, payload):
-                    d = await self.decide(integration, body)
-                    mine.append(self._new_alert(integration, body, d, source, None, raw))
-                admitted += self._admit(integration, mine)
-                new += mine
-        except RateLimited:
-            _refund(admitted)
-            raise
-        return await self._finish(self._submit(new, admitted), admitted)
+        with self.store.expect():
+            try:
+                for integration, payload, payload_json in items:
+                    bodies = payloads_of(integration.kind, payload)
+                    if len(bodies) != 1 or bodies[0] is not payload:
+                        payload_json = None  # what is stored is what templates saw
+                    mine = []
+                    for body in bodies:
+                        d = await self.decide(integration, body, grouped=grouped)
+                        mine.append(self._new_alert(integration, body, d, source, payload_json, raw))
+                    admitted += self._admit(integration, mine)
+                    new += mine
+            except RateLimited:
+                _refund(admitted)
+                raise
+            pending = self._submit(new, admitted)
+        return await self._finish(pending, admitted)
 
     def _admit(self, integration: Integration, new: list[NewAlert]) -> list:
         """Count firing alerts against the integration's rate limit; resolve signals pass free,
