@@ -22,6 +22,7 @@ from grouping.templates import TemplateCompileError, compile_template
 from handlers.api import Api
 from handlers.http import GatedSite, Ingress
 from handlers.metrics import Metrics
+from handlers.pagerduty import PagerDutyEvents
 from escalation.engine import Engine
 from store import Store
 from ui import setup_ui
@@ -115,6 +116,9 @@ class Daemon:
             max_body_bytes=c.http.max_body_bytes,
         )
         app = web.Application(client_max_size=c.http.max_body_bytes)
+        # Before Ingress: its /integrations/v1/{kind}/{token} would match the pagerduty URL too.
+        app.add_routes(PagerDutyEvents(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
+                                       body_timeout=c.http.body_timeout).routes())
         app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
                                body_timeout=c.http.body_timeout,
                                on_heartbeat=self.engine.heartbeat_received).routes())

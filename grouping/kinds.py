@@ -2,7 +2,8 @@
 
 The template texts and example payloads are OnCall's own (engine/config_integrations/*.py and
 engine/apps/integrations/metadata/heartbeat/*.py), kept character for character because users
-know them and write their overrides against them. The Python around them is tocsin's.
+know them and write their overrides against them. The Python around them is tocsin's, and so
+is the `pagerduty` kind (PagerDuty Events API v2), which OnCall does not have.
 """
 from __future__ import annotations
 
@@ -41,10 +42,20 @@ class Kind:
     counts_alerts: bool = False
     # grafana (legacy Grafana <= 8): a body with an `alerts` list is one alert per element.
     splits_alerts: bool = False
+    # pagerduty: the `event_action`s that only follow up an open group (never open one).
+    follow_up_actions: frozenset[str] = frozenset()
 
     def example_payload_copy(self) -> dict:
         """A fresh, mutable copy of the example payload (for demo alerts)."""
         return copy.deepcopy(dict(self.example_payload))
+
+    def only_if_open(self, payload: Any) -> bool:
+        """True when this payload may only join an open group: with none it is not stored.
+
+        PagerDuty's rule: an acknowledge or resolve event for a dedup_key without an open
+        alert is dropped (Events API v2, "Alert De-Duplication")."""
+        return bool(self.follow_up_actions) and isinstance(payload, dict) \
+            and payload.get("event_action") in self.follow_up_actions
 
     def heartbeat_payload(self, integration_name: str, *, restored: bool) -> dict:
         """The alert payload sent when this integration's heartbeat expires or is restored.
@@ -295,6 +306,59 @@ _GRAFANA = {
 """,
 }
 
+# pagerduty (PagerDuty Events API v2) is tocsin's own: OnCall has no such kind. The body is the
+# event as sent (routing_key left out), so `payload.payload` is PagerDuty's own `payload` object.
+_PAGERDUTY = {
+    "grouping_id": "{{ payload.dedup_key }}",
+    "resolve_condition": '{{ payload.event_action == "resolve" }}',
+    "acknowledge_condition": '{{ payload.event_action == "acknowledge" }}',
+    "source_link": """\
+{%- set links = payload.links if payload.links is sequence and payload.links is not string else [] -%}
+{%- if links and links[0] is mapping and links[0].href -%}
+{{ links[0].href }}
+{%- else -%}
+{{ payload.client_url }}
+{%- endif -%}""",
+    "title": """\
+{%- set event = payload.payload if payload.payload is mapping else {} -%}
+{{ event.summary or "Title undefined (check Web Title Template)" }}""",
+    "message": """\
+{%- set event = payload.payload if payload.payload is mapping else {} -%}
+{%- set severity_emoji = {"critical": ":rotating_light:", "error": ":red_circle:", "warning": ":warning:", "info": ":information_source:"}[event.severity] | default(":question:") -%}
+{% if event.severity %}**Severity**: {{ event.severity }} {{ severity_emoji }}
+{% endif -%}
+{% if event.source %}**Source**: {{ event.source }}
+{% endif -%}
+{% if event.component %}**Component**: {{ event.component }}
+{% endif -%}
+{% if event.group %}**Group**: {{ event.group }}
+{% endif -%}
+{% if event.class %}**Class**: {{ event.class }}
+{% endif -%}
+{% if event.timestamp %}**Timestamp**: {{ event.timestamp }}
+{% endif -%}
+{% if event.custom_details is mapping and event.custom_details | length > 0 -%}
+**Details:**
+{% for k, v in event.custom_details.items() -%}
+*{{ k }}*: {{ v }}
+{% endfor -%}
+{% elif event.custom_details -%}
+**Details**: {{ event.custom_details }}
+{% endif -%}
+{% if payload.links is sequence and payload.links is not string -%}
+{% for link in payload.links if link is mapping and link.href -%}
+[{{ link.text or link.href }}]({{ link.href }})
+{% endfor -%}
+{% endif -%}
+{% if payload.client -%}
+Sent by {% if payload.client_url %}[{{ payload.client }}]({{ payload.client_url }}){% else %}{{ payload.client }}{% endif %}
+{% endif -%}
+""",
+    "image_url": """\
+{%- set images = payload.images if payload.images is sequence and payload.images is not string else [] -%}
+{%- if images and images[0] is mapping -%}{{ images[0].src }}{%- endif -%}""",
+}
+
 # ---------------------------------------------------------------------------------------------
 # Example payloads ("send demo alert"), verbatim.
 
@@ -321,6 +385,33 @@ _INBOUND_EMAIL_EXAMPLE = {
     "subject": "Test email subject",
     "message": "Test email message",
     "sender": "sender@example.com",
+}
+
+
+# The trigger example of PagerDuty's Events API v2 reference (openapiv3.json), without routing_key.
+_PAGERDUTY_EXAMPLE = {
+    "payload": {
+        "summary": "DISK at 99% on machine prod-datapipe03.example.com",
+        "timestamp": "2015-07-17T08:42:58.315+0000",
+        "severity": "critical",
+        "source": "prod-datapipe03.example.com",
+        "component": "mysql",
+        "group": "prod-datapipe",
+        "class": "disk",
+        "custom_details": {"free space": "1%", "ping time": "1500ms", "load avg": 0.75},
+    },
+    "dedup_key": "srv01/mysql",
+    "event_action": "trigger",
+    "client": "Sample Monitoring Service",
+    "client_url": "https://monitoring.service.com",
+    "links": [{"href": "http://pagerduty.example.com", "text": "An example link."}],
+    "images": [
+        {
+            "src": "https://chart.googleapis.com/chart?chs=600x400&chd=t:6,2,9,5,2,5,7,4,8,2,1&cht=lc&chds=a&chxt=y&chm=D,0033FF,0,0,5,1",
+            "href": "https://google.com",
+            "alt": "An example link with an image",
+        }
+    ],
 }
 
 
@@ -531,6 +622,23 @@ def _inbound_email_heartbeat(name: str, restored: bool) -> dict:
     }
 
 
+def _pagerduty_heartbeat(name: str, restored: bool) -> dict:
+    """OnCall has none. A trigger event, and a resolve event with the same dedup_key."""
+    if restored:
+        return {"event_action": "resolve", "dedup_key": "tocsin-heartbeat", **_flags(restored)}
+    return {
+        "event_action": "trigger",
+        "dedup_key": "tocsin-heartbeat",
+        "payload": {
+            "summary": _expired_title(name),
+            "source": name,
+            "severity": "critical",
+            "custom_details": {"message": _expired_message(name)},
+        },
+        **_flags(restored),
+    }
+
+
 _HEARTBEATS: Mapping[str, Callable[[str, bool], dict]] = MappingProxyType(
     {
         "webhook": _webhook_like("7973c835-ff3f-46e4-9444-06df127b6f8e", False, True),
@@ -542,11 +650,12 @@ _HEARTBEATS: Mapping[str, Callable[[str, bool], dict]] = MappingProxyType(
         "grafana": _grafana_heartbeat,
         "kapacitor": _kapacitor_heartbeat,
         "inbound_email": _inbound_email_heartbeat,
+        "pagerduty": _pagerduty_heartbeat,
     }
 )
 
 
-def _kind(slug: str, title: str, templates: dict, example: dict, **flags: bool) -> Kind:
+def _kind(slug: str, title: str, templates: dict, example: dict, **flags: Any) -> Kind:
     if tuple(templates) != TEMPLATE_NAMES:
         raise ValueError(f"kind {slug}: templates must be exactly {TEMPLATE_NAMES}")
     # Kinds that share an example (webhook/elastalert, formatted_webhook/zabbix) get their own copy.
@@ -567,6 +676,8 @@ KINDS: Mapping[str, Kind] = MappingProxyType(
             _kind("inbound_email", "Inbound Email", _INBOUND_EMAIL, _INBOUND_EMAIL_EXAMPLE),
             _kind("zabbix", "Zabbix", _ZABBIX, _FORMATTED_WEBHOOK_EXAMPLE),
             _kind("grafana", "Grafana Legacy Alerting", _GRAFANA, _GRAFANA_EXAMPLE, splits_alerts=True),
+            _kind("pagerduty", "PagerDuty Events API v2", _PAGERDUTY, _PAGERDUTY_EXAMPLE,
+                  follow_up_actions=frozenset({"acknowledge", "resolve"})),
         )
     }
 )

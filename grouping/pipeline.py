@@ -115,6 +115,7 @@ class Decision:
     image_url: str | None = None
     route: str | None = None
     errors: Mapping[str, str] = field(default_factory=dict)
+    only_if_open: bool = False  # a follow-up (PagerDuty acknowledge/resolve): never opens a group
 
     def as_json(self) -> dict:
         out = asdict(self)
@@ -167,6 +168,7 @@ def decide(
     key = grouping_key_of(grouping_id if grouped else None)
     route = choose(integration.routes, payload, budget) if integration.routes else None
     route_id = route.id if route is not None else None
+    only_if_open = integration.kind.only_if_open(payload)
 
     if not full:
         # The title cached on a new group sees the payload only (Grafana OnCall's web_title_cache).
@@ -175,6 +177,7 @@ def decide(
             grouping_id=grouping_id, grouping_key=key,
             resolve=bool(resolve and is_truthy(resolve)), acknowledge=bool(ack and is_truthy(ack)),
             title=_appearance(title) if title else None, route=route_id, errors=errors,
+            only_if_open=only_if_open,
         )
 
     link = run("source_link", base)
@@ -201,6 +204,7 @@ def decide(
         image_url=_appearance(image) if image else None,
         route=route_id,
         errors=errors,
+        only_if_open=only_if_open,
     )
 
 
@@ -305,14 +309,15 @@ class Pipeline:
         return await self._finish(pending, admitted)
 
     def _admit(self, integration: Integration, new: list[NewAlert]) -> list:
-        """Count firing alerts against the integration's rate limit; resolve signals pass free,
-        so a flood never blocks its own recovery. All or nothing for one request."""
+        """Count firing alerts against the integration's rate limit; resolve signals and
+        follow-ups (which never open a group) pass free, so a flood never blocks its own
+        recovery. All or nothing for one request."""
         limit = self.limiter.get(integration.id) if self.limiter is not None else None
         if limit is None:
             return []
         taken = []
         for alert in new:
-            if alert.resolve:
+            if alert.resolve or alert.only_if_open:
                 continue
             wait = limit.try_acquire()
             if wait:
@@ -334,6 +339,7 @@ class Pipeline:
             title=d.title,
             route_id=d.route,
             escalation=integration.chains.get(d.route) if d.route else None,
+            only_if_open=d.only_if_open,
             source=source,
             raw=raw,
         )
@@ -356,4 +362,6 @@ class Pipeline:
         except StoreUnavailable as exc:
             _refund(admitted)  # not kept, so not counted
             raise Unavailable(str(exc)) from exc
-        return [Accepted(s.alert_id, s.alert_group_id, s.grouping_key, s.group_created, s.group_state) for s in stored]
+        # None: a follow-up with no open group to join, not stored (as PagerDuty drops it).
+        return [Accepted(s.alert_id, s.alert_group_id, s.grouping_key, s.group_created, s.group_state)
+                for s in stored if s is not None]

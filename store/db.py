@@ -121,6 +121,7 @@ class NewAlert:
     raw: bytes | None = None
     received_at: float = field(default_factory=time.time)
     escalation: str | None = None  # the route's chain snapshot (JSON), started if a group is created
+    only_if_open: bool = False  # joins an open group or is not stored at all (PagerDuty follow-ups)
 
 
 @dataclass(frozen=True)
@@ -350,7 +351,8 @@ class Store:
 
     def add_alerts(self, alerts: list[NewAlert]) -> "asyncio.Future[list[StoredAlert]]":
         """Queue alerts to be stored atomically and durably. Await the result: where each
-        landed, once committed. Raises StoreUnavailable at once when nothing can be queued."""
+        landed (None: an only_if_open alert that found no open group), once committed.
+        Raises StoreUnavailable at once when nothing can be queued."""
         return self._submit("alerts", alerts)
 
     async def act(self, group_id: str, action: str, *, delay: int | None = None, by: str = "user") -> Group:
@@ -604,11 +606,14 @@ class Store:
                     batch.notifications.append(
                         (public_id("N"), g.id, notifier, event, None, now, "pending", now))
 
-    def _place(self, batch: _Batch, a: NewAlert) -> StoredAlert:
+    def _place(self, batch: _Batch, a: NewAlert) -> StoredAlert | None:
         """CONTRACT §7: join the open group, or the latest resolved one for a resolve
-        signal, or open a new group; then apply the ack and resolve conditions."""
+        signal, or open a new group; then apply the ack and resolve conditions.
+        An only_if_open alert with no open group is not stored (None)."""
         key = (a.integration_id, a.grouping_key)
         g = batch.open.get(key)
+        if g is None and a.only_if_open:
+            return None
         if g is None and a.resolve:
             g = batch.resolved.get(key)
         created = g is None
