@@ -47,8 +47,8 @@ def _check_objects(errors: list[str], name: str, value: Any, required: str) -> N
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             errors.append(f"'{name}[{i}]' is invalid (must be an object with '{required}')")
-        elif _blank(item.get(required)) or not isinstance(item.get(required), str):
-            errors.append(f"'{name}[{i}].{required}' is missing or blank")
+        else:
+            _check_string(errors, f"{name}[{i}].{required}", item.get(required))
 
 
 def event_errors(event: Any) -> list[str]:
