@@ -95,6 +95,7 @@ class Daemon:
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._notifier = None
+        self.mailboxes: dict = {}  # integration id -> handlers.imap.Mailbox
 
     def current(self) -> Pipeline:
         return self.pipeline
@@ -132,7 +133,14 @@ class Daemon:
         return app
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        """Alive; with the state of each IMAP mailbox (a mailbox down never makes tocsin unready:
+        HTTP and SMTP intake still work, so the load balancer keeps sending)."""
+        body: dict = {"status": "ok"}
+        if self.mailboxes:
+            body["mailboxes"] = {iid: {"state": b.status.state, "error": b.status.error, "since": b.status.since,
+                                       "last_message_at": b.status.last_message_at}
+                                 for iid, b in self.mailboxes.items()}
+        return web.json_response(body)
 
     async def readyz(self, request: web.Request) -> web.Response:
         try:
@@ -158,10 +166,27 @@ class Daemon:
             self._smtp = SmtpIngress(c.smtp, self.current, metrics=self.metrics)
             await self._smtp.start()
             self.smtp_port = self._smtp.port
+        self._sync_mailboxes(c)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         await self.engine.start()
         log.info("tocsin ready http=%s:%s smtp=%s integrations=%d", c.http.host, self.http_port,
                  f"{c.smtp.host}:{self.smtp_port}" if c.smtp else "off", len(c.integrations))
+
+    def _sync_mailboxes(self, config: cfg.Config) -> None:
+        """One IMAP reader per integration with `imap`; a changed setting restarts its reader."""
+        from handlers.imap import Mailbox
+
+        wanted = {i.id: i.imap for i in config.integrations if i.imap is not None}
+        for iid, box in list(self.mailboxes.items()):
+            if wanted.get(iid) != box.settings:
+                del self.mailboxes[iid]
+                self._tasks.append(asyncio.create_task(box.stop(), name=f"imap-stop-{iid}"))
+        raw_cap = config.smtp.max_stored_raw_bytes if config.smtp else 1024 * 1024
+        for iid, settings in wanted.items():
+            if iid not in self.mailboxes:
+                box = Mailbox(iid, settings, self.current, max_stored_raw_bytes=raw_cap, metrics=self.metrics)
+                box.start()
+                self.mailboxes[iid] = box
 
     async def _housekeeping(self) -> None:
         """Background upkeep: silences that end, and retention of resolved groups."""
@@ -194,6 +219,7 @@ class Daemon:
             self.notify("READY=1")
             return False
         self.config, self.pipeline = new, pipeline
+        self._sync_mailboxes(new)
         if self._smtp is not None and new.smtp is not None and not self._smtp.reconfigure(new.smtp):
             log.warning("reload: the [smtp] listen address or TLS files changed; they apply after a restart")
         if (new.http.host, new.http.port) != (self._http_listen):
@@ -207,6 +233,7 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await self.engine.stop()
+        await asyncio.gather(*(box.stop() for box in self.mailboxes.values()))
         if self._smtp is not None:
             await self._smtp.stop(self.config.daemon.shutdown_timeout)
         if self._runner is not None:

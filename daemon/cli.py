@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import config as cfg
 from . import logs
-from .app import Daemon, build_integrations, load_config
+from .app import Daemon, _template_problem, build_integrations, load_config
 
 
 def _fail(message: str) -> int:
@@ -273,6 +273,58 @@ def cmd_backup(args) -> int:
     return 0
 
 
+def cmd_import_oncall(args) -> int:
+    """Append Grafana OnCall's integrations, routes and chains to config.toml (comments kept)."""
+    import os
+    import tempfile
+
+    from grouping.kinds import KINDS
+
+    from . import oncall_import as oi
+
+    path = Path(args.config)
+    try:
+        config = load_config(path)
+        original = path.read_text(encoding="utf-8")
+    except cfg.ConfigError as exc:
+        return _fail("invalid configuration:\n" + "\n".join(exc.problems))
+    except OSError as exc:
+        return _fail(f"cannot read {path}: {exc}")
+    try:
+        export = oi.read_dir(args.source) if args.source else oi.fetch(args.url, args.token)
+    except oi.ImportFailed as exc:
+        return _fail(f"import failed, {path} untouched: {exc}")
+    plan = oi.plan_import(export, config, KINDS, _template_problem)
+    origin = args.source or oi.api_base(args.url)
+    print(f"import from Grafana OnCall ({origin}): {len(plan.imported)} integration(s) to add,"
+          f" {len(plan.skipped)} already configured")
+    for line in plan.report:
+        print(f"  - {line}")
+    if not plan.imported:
+        print(f"nothing to add; {path} untouched")
+        return 0
+    text = (original if original.endswith("\n") or not original else original + "\n") \
+        + f"\n# ---- imported from Grafana OnCall ({origin}) by tocsin import-oncall ----\n\n" + plan.blocks
+    if args.dry_run:
+        print("\n# dry run: these blocks would be appended to", path)
+        print(plan.blocks, end="")
+        return 0
+    # Written beside the original, checked as `tocsin check` would, then renamed over it.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        load_config(tmp)
+        os.replace(tmp, path)
+    except (cfg.ConfigError, OSError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        problems = exc.problems if isinstance(exc, cfg.ConfigError) else [str(exc)]
+        return _fail(f"the imported config does not check, {path} untouched:\n" + "\n".join(problems))
+    print(f"{path}: appended {len(plan.imported)} integration(s); reload the daemon (SIGHUP) to serve them")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tocsin", description="Alert-ingestion daemon (webhooks and email).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_backup)
 
+    i = with_config(sub.add_parser("import-oncall", help="append Grafana OnCall's integrations, routes and chains"))
+    source = i.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", help="Grafana OnCall's address (/api/v1/ is appended unless given)")
+    source.add_argument("--from", dest="source", metavar="DIR", help="a directory of saved API answers")
+    i.add_argument("--token", help="OnCall API token (with --url)")
+    i.add_argument("--dry-run", action="store_true", help="print the report and the blocks; write nothing")
+    i.set_defaults(func=cmd_import_oncall)
+
     args = parser.parse_args(argv)
+    if args.command == "import-oncall" and args.url and not args.token:
+        parser.error("import-oncall --url needs --token")
     args.command = {"ack": "acknowledge", "unack": "unacknowledge"}.get(args.command, args.command)
     return args.func(args)

@@ -80,6 +80,23 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class ImapConfig:
+    """An inbound_email integration's mailbox: `imap = { url, password_file, after, poll }`."""
+
+    url: str                    # as written, for logs (no password in it)
+    host: str
+    port: int
+    user: str
+    folder: str
+    password: str = field(repr=False, default="")
+    tls: str = "ssl"            # ssl (imaps://) | starttls (imap://) ; plain only to loopback
+    after: str = "seen"         # seen | delete | move
+    move_to: str | None = None
+    poll: float = 30.0
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class IntegrationConfig:
     id: str
     name: str
@@ -89,6 +106,7 @@ class IntegrationConfig:
     rate_limit: str | None = None
     routes: tuple[RouteConfig, ...] = ()
     heartbeat_timeout: float | None = None
+    imap: ImapConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +203,62 @@ def _duration(text: str | None, where: str, key: str, problems: list[str]) -> fl
     except ValueError as exc:
         problems.append(f"{where}: '{key}': {exc}")
         return None
+
+
+def _imap(table: Any, base: Path, where: str, problems: list[str]) -> ImapConfig | None:
+    """`imap = { url = "imaps://user@host/INBOX", password_file, after = "seen", poll = "30s" }`."""
+    from urllib.parse import unquote, urlsplit
+
+    where = f"{where} imap"
+    if not isinstance(table, dict):
+        problems.append(f"{where}: must be a table like {{ url = \"imaps://user@host/INBOX\", password_file = \"…\" }}")
+        return None
+    r = _Reader(problems, where, table)
+    url = r.get("url", str, "", required=True)
+    password_file = r.get("password_file", str, "", required=True)
+    after = r.get("after", str, "seen")
+    poll = _duration(r.get("poll", str, "30s"), where, "poll", problems) or 30.0
+    ca_file = r.get("ca_file", str)
+    r.finish()
+    if not url:
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        problems.append(f"{where}: '{url}' has an invalid port")
+        return None
+    if parts.scheme not in ("imaps", "imap") or not parts.hostname:
+        problems.append(f"{where}: url must be imaps://user@host/FOLDER (or imap://, which uses STARTTLS)")
+        return None
+    if not parts.username:
+        problems.append(f"{where}: url must name the user, as in imaps://user@host/INBOX")
+    if parts.password is not None:
+        problems.append(f"{where}: put the password in password_file, not in the url")
+    if parts.query or parts.fragment:
+        problems.append(f"{where}: url takes no query or fragment")
+    mode, _, move_to = after.partition(":")
+    if mode not in ("seen", "delete", "move") or (mode == "move") != bool(move_to):
+        problems.append(f"{where}: 'after' must be \"seen\", \"delete\" or \"move:Folder\"")
+    if poll <= 0:
+        problems.append(f"{where}: 'poll' must be positive")
+    password = ""
+    if password_file:
+        pf = Path(password_file) if Path(password_file).is_absolute() else base / password_file
+        try:
+            password = pf.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{where}: cannot read password_file: {exc}")
+    ca = None
+    if ca_file:
+        ca = Path(ca_file) if Path(ca_file).is_absolute() else base / ca_file
+        if not ca.is_file():
+            problems.append(f"{where}: ca_file {ca} is not a file")
+    folder = unquote(parts.path.lstrip("/")) or "INBOX"
+    tls = "ssl" if parts.scheme == "imaps" else "starttls"
+    return ImapConfig(url=url, host=parts.hostname, port=port or (993 if tls == "ssl" else 143),
+                      user=unquote(parts.username or ""), folder=folder, password=password, tls=tls,
+                      after=mode, move_to=move_to or None, poll=poll, ca_file=ca)
 
 
 def _heartbeat(text: str | None, where: str, problems: list[str]) -> float | None:
@@ -378,6 +452,12 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
                 problems.append(f"{where}: template '{name}' must be a string")
             elif check_template is not None and (problem := check_template(value)):
                 problems.append(f"{where}: template '{name}': {problem}")
+        imap = None
+        imap_table = r.get("imap", dict)
+        if imap_table is not None:
+            imap = _imap(imap_table, base, where, problems)
+            if kind and kind != "inbound_email":
+                problems.append(f"{where}: 'imap' applies to inbound_email integrations only")
         integrations.append(
             IntegrationConfig(
                 id=iid,
@@ -388,6 +468,7 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
                 rate_limit=_rate(r.get("rate_limit", str), where, problems),
                 routes=_routes(r.get("routes", list, []), iid, where, problems, chain_names, check_template),
                 heartbeat_timeout=_heartbeat(r.get("heartbeat_timeout", str), where, problems),
+                imap=imap,
             )
         )
         r.finish()

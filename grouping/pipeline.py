@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from store import NewAlert, Store, StoreUnavailable
@@ -278,9 +278,11 @@ class Pipeline:
     async def ingest(
         self, integration: Integration, payload: Any, *, source: str = "http",
         payload_json: str | None = None, raw: bytes | None = None, grouped: bool = True,
+        receipt: str | None = None,
     ) -> list[Accepted]:
-        """Decide and durably store the alert(s) one request carries."""
-        return await self._ingest([(integration, payload, payload_json)], source, raw, grouped)
+        """Decide and durably store the alert(s) one request carries; `receipt` (a source's own
+        id for it, one alert only) is committed with the alert."""
+        return await self._ingest([(integration, payload, payload_json)], source, raw, grouped, receipt)
 
     async def ingest_many(
         self, items: list[tuple[Integration, Any]], *, source: str, raw: bytes | None = None
@@ -288,7 +290,8 @@ class Pipeline:
         """One payload into several integrations, committed atomically (one email, many recipients)."""
         return await self._ingest([(i, p, None) for i, p in items], source, raw, True)
 
-    async def _ingest(self, items, source: str, raw: bytes | None, grouped: bool) -> list[Accepted]:
+    async def _ingest(self, items, source: str, raw: bytes | None, grouped: bool,
+                      receipt: str | None = None) -> list[Accepted]:
         new, admitted = [], []
         with self.store.expect():
             try:
@@ -302,6 +305,8 @@ class Pipeline:
                         mine.append(self._new_alert(integration, body, d, source, payload_json, raw))
                     admitted += self._admit(integration, mine)
                     new += mine
+                if receipt is not None and new:
+                    new[0] = replace(new[0], receipt=receipt)
             except RateLimited:
                 _refund(admitted)
                 raise

@@ -49,6 +49,10 @@ class Metrics:
         self.smtp_sessions = Gauge("tocsin_smtp_sessions", "SMTP sessions open now", registry=r)
         self.smtp_replies = Counter("tocsin_smtp_replies_total", "SMTP replies to DATA and RCPT, by code",
                                     ["code"], registry=r)
+        self.mailbox_up = Gauge("tocsin_imap_mailbox_up", "1 while tocsin is logged in to the IMAP mailbox",
+                                ["integration"], registry=r)
+        self.mailbox_messages = Counter("tocsin_imap_messages_total", "IMAP messages handled, by outcome",
+                                        ["integration", "outcome"], registry=r)
 
     # -- hooks the rest of tocsin calls ---------------------------------------------
 
@@ -71,6 +75,12 @@ class Metrics:
 
     def smtp_reply(self, code: int | str) -> None:
         self.smtp_replies.labels(str(code)).inc()
+
+    def mailbox_state(self, integration_id: str, connected: bool) -> None:
+        self.mailbox_up.labels(integration_id).set(1 if connected else 0)
+
+    def mailbox_message(self, integration_id: str, outcome: str) -> None:
+        self.mailbox_messages.labels(integration_id, outcome).inc()
 
     def handler(self, count_groups: Callable[[], Awaitable[list[tuple[str, str, int]]]]):
         """The `/metrics` handler; open-group gauges are read from the database per scrape."""

@@ -122,6 +122,7 @@ class NewAlert:
     received_at: float = field(default_factory=time.time)
     escalation: str | None = None  # the route's chain snapshot (JSON), started if a group is created
     only_if_open: bool = False  # joins an open group or is not stored at all (PagerDuty follow-ups)
+    receipt: str | None = None     # the source's own id for it (an IMAP UID), recorded in the same commit
 
 
 @dataclass(frozen=True)
@@ -654,6 +655,9 @@ class Store:
         batch.alert_rows.append(
             (alert_seq, alert_id, g.id, a.integration_id, now, a.source, int(a.resolve), a.payload_json, a.raw)
         )
+        if a.receipt is not None:
+            batch.statements.append(("INSERT INTO receipts (key, alert_id, created_at) VALUES (?, ?, ?)",
+                                     (a.receipt, alert_id, now)))
         return StoredAlert(alert_id, g.id, a.grouping_key, created, g.state)
 
     # -- escalation and notifications (the decisions are the escalation package's) ------
@@ -826,6 +830,14 @@ class Store:
             return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"database error: {exc}") from exc
+
+    async def receipts_seen(self, keys: list[str]) -> set[str]:
+        """Which of these source receipts (see NewAlert.receipt) are already committed."""
+        seen: set[str] = set()
+        for chunk in _chunks(sorted(set(keys))):
+            marks = ",".join("?" * len(chunk))
+            seen.update(r[0] for r in await self._fetch(f"SELECT key FROM receipts WHERE key IN ({marks})", chunk))
+        return seen
 
     async def get_group(self, group_id: str) -> Group | None:
         rows = await self._fetch(f"{_GROUP_SELECT} WHERE id = ?", (group_id,))

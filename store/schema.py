@@ -105,4 +105,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX ix_groups_unresolved ON alert_groups (integration_id, state) WHERE state != 'resolved';
     CREATE INDEX ix_groups_created ON alert_groups (created_at);
     """,
+    # 4: receipts: a source's own id for what it delivered (an IMAP message's mailbox, UIDVALIDITY
+    # and UID), written in the alert's transaction, so a source can tell what is already stored.
+    """
+    CREATE TABLE receipts (
+        key              TEXT PRIMARY KEY,
+        alert_id         TEXT NOT NULL,
+        created_at       REAL NOT NULL
+    );
+    """,
 )
