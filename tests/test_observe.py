@@ -343,7 +343,8 @@ def test_bad_durations_are_config_errors_naming_the_key(tmp_path):
 
 
 async def test_api_maintenance_takes_a_duration(tocsin):
-    status, body = await tocsin.api("POST", "integrations/wh/maintenance_start/", {"mode": "debug", "duration": "1h30m"})
+    status, body = await tocsin.api("POST", "integrations/wh/maintenance_start/",
+                                    {"mode": "debug", "duration": "1h30m"})
     assert status == 200, body
     info = tocsin.daemon.store.maintenance["wh"]
     assert info["ends_at"] - info["started_at"] == 5400
