@@ -113,7 +113,7 @@ def main() -> None:
             f'[[integrations]]\nid = "other"\nkind = "formatted_webhook"\ntoken = "{OTHER}"\n'
         )
         proc, port = start([sys.executable, "-m", "daemon", "serve", "-c", str(cfg)],
-                           r"tocsin ready http=[^ ]+:(\d+)")
+                           r"tocsin ready.*? http=[^ ]+:(\d+)")
         try:
             asyncio.run(run(port, proc.pid, args))
         finally:

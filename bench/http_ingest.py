@@ -129,7 +129,7 @@ def main() -> None:
         results = {}
         for name, cmd, pattern in (
             ("bare aiohttp", [sys.executable, "-c", BARE_SERVER], r"ready port (\d+)"),
-            ("tocsin", [sys.executable, "-m", "daemon", "serve", "-c", str(cfg)], r"tocsin ready http=[^ ]+:(\d+)"),
+            ("tocsin", [sys.executable, "-m", "daemon", "serve", "-c", str(cfg)], r"tocsin ready.*? http=[^ ]+:(\d+)"),
         ):
             proc, port = start(cmd, pattern)
             try:

@@ -28,6 +28,7 @@ from store import Store
 from ui import setup_ui
 
 from . import config as cfg
+from .version import version
 
 log = logging.getLogger("tocsin")
 
@@ -76,7 +77,7 @@ class Daemon:
     def __init__(self, config: cfg.Config):
         self.config = config
         self.store = Store(config.daemon.database)
-        self.metrics = Metrics()
+        self.metrics = Metrics(version=version())
         self.limiter = Limiter()
         self.engine = Engine(
             self.store, self.current,
@@ -84,6 +85,7 @@ class Daemon:
             public_url=lambda: self.config.daemon.public_url,
             heartbeat_timeouts=lambda: {i.id: i.heartbeat_timeout for i in self.config.integrations
                                         if i.heartbeat_timeout},
+            hooks=self.metrics,
         )
         self.store.on_commit = self.metrics.committed
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
@@ -115,6 +117,7 @@ class Daemon:
             public_url=lambda: self.config.daemon.public_url,
             email_domain=lambda: self.config.smtp.domain if self.config.smtp else None,
             max_body_bytes=c.http.max_body_bytes,
+            hooks=self.metrics,
         )
         app = web.Application(client_max_size=c.http.max_body_bytes)
         # Before Ingress: its /integrations/v1/{kind}/{token} would match the pagerduty URL too.
@@ -169,8 +172,9 @@ class Daemon:
         self._sync_mailboxes(c)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         await self.engine.start()
-        log.info("tocsin ready http=%s:%s smtp=%s integrations=%d", c.http.host, self.http_port,
-                 f"{c.smtp.host}:{self.smtp_port}" if c.smtp else "off", len(c.integrations))
+        log.info("tocsin ready", extra={"version": version(), "http": f"{c.http.host}:{self.http_port}",
+                                        "smtp": f"{c.smtp.host}:{self.smtp_port}" if c.smtp else "off",
+                                        "integrations": len(c.integrations)})
 
     def _sync_mailboxes(self, config: cfg.Config) -> None:
         """One IMAP reader per integration with `imap`; a changed setting restarts its reader."""
@@ -203,10 +207,10 @@ class Daemon:
                     # Small batches through the writer, so ingestion never waits long behind them.
                     pruned = await self.store.prune(now - retention, limit=500)
                     if pruned:
-                        log.info("retention pruned %d resolved groups", pruned)
+                        log.info("retention pruned resolved groups", extra={"groups": pruned})
                     next_prune = now if pruned == 500 else now + 60
             except Exception as exc:  # noqa: BLE001 - retried next second
-                log.warning("housekeeping failed: %s", exc)
+                log.warning("housekeeping failed", extra={"error": str(exc)})
 
     def reload(self, path) -> bool:
         """Swap in a new config atomically; a bad file leaves the running one in place."""
@@ -215,7 +219,7 @@ class Daemon:
             new = load_config(path)
             pipeline = self._make_pipeline(new)
         except cfg.ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            log.error("reload refused, keeping the running config", extra={"problems": exc.problems})
             self.notify("READY=1")
             return False
         self.config, self.pipeline = new, pipeline
@@ -224,7 +228,7 @@ class Daemon:
             log.warning("reload: the [smtp] listen address or TLS files changed; they apply after a restart")
         if (new.http.host, new.http.port) != (self._http_listen):
             log.warning("reload: the [http] listen address changed; it applies after a restart")
-        log.info("config reloaded integrations=%d", len(new.integrations))
+        log.info("config reloaded", extra={"integrations": len(new.integrations)})
         self.notify("READY=1")
         return True
 

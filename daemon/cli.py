@@ -10,6 +10,7 @@ from pathlib import Path
 from . import config as cfg
 from . import logs
 from .app import Daemon, _template_problem, build_integrations, load_config
+from .version import version
 
 
 def _fail(message: str) -> int:
@@ -192,7 +193,7 @@ def cmd_groups(args) -> int:
 
 
 def cmd_action(args) -> int:
-    from grouping.limits import parse_duration
+    from grouping.durations import parse_duration
     from store import InvalidTransition, NotFound
 
     config, err = _config_or_fail(args)
@@ -327,6 +328,7 @@ def cmd_import_oncall(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tocsin", description="Alert-ingestion daemon (webhooks and email).")
+    parser.add_argument("--version", action="version", version=f"tocsin {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):

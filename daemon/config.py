@@ -15,7 +15,8 @@ from typing import Any
 from escalation.chains import Chain, parse_chain
 from escalation.notifiers import NotifierConfig, parse_notifier
 from grouping.kinds import TEMPLATE_NAMES
-from grouping.limits import parse_duration, parse_rate
+from grouping.durations import parse_duration
+from grouping.limits import parse_rate
 
 
 class ConfigError(Exception):
@@ -153,6 +154,24 @@ class _Reader:
             return default
         return value
 
+    def duration(self, key: str, default: float | None, *, positive: bool = True, off: bool = False) -> float | None:
+        """Seconds from a number or a text like "90m", "1h30m" (grouping.durations); None for "off" if allowed."""
+        self.seen.add(key)
+        value = self.table.get(key, default)
+        if key not in self.table or value is None:
+            return default
+        if off and isinstance(value, str) and value.strip().lower() == "off":
+            return None
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.problems.append(f"{self.where}: '{key}': {exc}")
+            return default
+        if positive and seconds <= 0:
+            self.problems.append(f"{self.where}: '{key}' must be positive" + (' (or "off")' if off else ""))
+            return default
+        return seconds
+
     def positive(self, key: str, default: int | float, kind: type = int):
         value = self.get(key, kind, default)
         if value is not None and value <= 0:
@@ -195,16 +214,6 @@ def _rate(text: str | None, where: str, problems: list[str]) -> str | None:
     return text
 
 
-def _duration(text: str | None, where: str, key: str, problems: list[str]) -> float | None:
-    if text is None:
-        return None
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        problems.append(f"{where}: '{key}': {exc}")
-        return None
-
-
 def _imap(table: Any, base: Path, where: str, problems: list[str]) -> ImapConfig | None:
     """`imap = { url = "imaps://user@host/INBOX", password_file, after = "seen", poll = "30s" }`."""
     from urllib.parse import unquote, urlsplit
@@ -217,7 +226,7 @@ def _imap(table: Any, base: Path, where: str, problems: list[str]) -> ImapConfig
     url = r.get("url", str, "", required=True)
     password_file = r.get("password_file", str, "", required=True)
     after = r.get("after", str, "seen")
-    poll = _duration(r.get("poll", str, "30s"), where, "poll", problems) or 30.0
+    poll = r.duration("poll", 30.0)
     ca_file = r.get("ca_file", str)
     r.finish()
     if not url:
@@ -240,8 +249,6 @@ def _imap(table: Any, base: Path, where: str, problems: list[str]) -> ImapConfig
     mode, _, move_to = after.partition(":")
     if mode not in ("seen", "delete", "move") or (mode == "move") != bool(move_to):
         problems.append(f"{where}: 'after' must be \"seen\", \"delete\" or \"move:Folder\"")
-    if poll <= 0:
-        problems.append(f"{where}: 'poll' must be positive")
     password = ""
     if password_file:
         pf = Path(password_file) if Path(password_file).is_absolute() else base / password_file
@@ -259,16 +266,6 @@ def _imap(table: Any, base: Path, where: str, problems: list[str]) -> ImapConfig
     return ImapConfig(url=url, host=parts.hostname, port=port or (993 if tls == "ssl" else 143),
                       user=unquote(parts.username or ""), folder=folder, password=password, tls=tls,
                       after=mode, move_to=move_to or None, poll=poll, ca_file=ca)
-
-
-def _heartbeat(text: str | None, where: str, problems: list[str]) -> float | None:
-    if text is None or text.strip().lower() == "off":
-        return None
-    seconds = _duration(text, where, "heartbeat_timeout", problems)
-    if seconds is not None and seconds <= 0:
-        problems.append(f"{where}: 'heartbeat_timeout' must be positive (or \"off\")")
-        return None
-    return seconds
 
 
 def _routes(tables: list, iid: str, where: str, problems: list[str], chains: set[str],
@@ -336,9 +333,9 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
         render_budget=d.positive("render_budget", 1.0, float),
         log_level=d.get("log_level", str, "INFO").upper(),
         log_format=d.get("log_format", str, "logfmt"),
-        shutdown_timeout=d.positive("shutdown_timeout", 30.0, float),
+        shutdown_timeout=d.duration("shutdown_timeout", 30.0),
         rate_limit=_rate(d.get("rate_limit", str), "[daemon]", problems),
-        retention=_duration(d.get("retention", str), "[daemon]", "retention", problems),
+        retention=d.duration("retention", None, off=True),
     )
     if daemon.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append("[daemon]: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
@@ -350,7 +347,7 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
     host, port = parse_listen(h.get("listen", str, "127.0.0.1:8080"), "[http]", problems)
     http = HttpConfig(host=host, port=port, max_body_bytes=h.positive("max_body_bytes", 1024 * 1024),
                       max_connections=h.positive("max_connections", 2048),
-                      body_timeout=h.positive("body_timeout", 30.0, float))
+                      body_timeout=h.duration("body_timeout", 30.0))
     h.finish()
 
     smtp = None
@@ -373,8 +370,8 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
             extra_domains=tuple(str(x).strip().lower() for x in s.get("extra_domains", list, [])),
             max_message_bytes=s.positive("max_message_bytes", 10 * 1024 * 1024),
             max_recipients=s.positive("max_recipients", 50),
-            session_timeout=s.positive("session_timeout", 300.0, float),
-            data_timeout=s.positive("data_timeout", 120.0, float),
+            session_timeout=s.duration("session_timeout", 300.0),
+            data_timeout=s.duration("data_timeout", 120.0),
             max_sessions=s.positive("max_sessions", 200),
             tls_cert=(base / cert) if cert else None,
             tls_key=(base / key) if key else None,
@@ -467,7 +464,7 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
                 templates={k: v for k, v in templates.items() if k in TEMPLATE_NAMES and isinstance(v, str)},
                 rate_limit=_rate(r.get("rate_limit", str), where, problems),
                 routes=_routes(r.get("routes", list, []), iid, where, problems, chain_names, check_template),
-                heartbeat_timeout=_heartbeat(r.get("heartbeat_timeout", str), where, problems),
+                heartbeat_timeout=r.duration("heartbeat_timeout", None, off=True),
                 imap=imap,
             )
         )

@@ -12,7 +12,7 @@ from datetime import datetime, time, timedelta, timezone
 from typing import Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from grouping.limits import parse_duration
+from grouping.durations import parse_duration
 
 MAX_REPEAT = 5  # Grafana OnCall's MAX_TIMES_REPEAT
 STEP_KINDS = ("notify", "wait", "repeat", "resolve", "if_time", "if_alerts_in_window")
@@ -97,7 +97,10 @@ def _parse_step(raw, where: str, problems: list[str], notifiers: set[str]) -> St
                 raise ValueError(f"unknown notifier(s): {', '.join(unknown)}")
             return Step("notify", notifiers=tuple(names))
         if kind == "wait":
-            seconds = parse_duration(value)
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise ValueError(f"wait: {exc}") from None
             if seconds <= 0:
                 raise ValueError("wait must be positive")
             return Step("wait", seconds=seconds)
@@ -164,6 +167,7 @@ class Plan:
     notify: list[tuple[str, int]] = field(default_factory=list)   # (notifier, step index)
     timeline: list[tuple[str, dict]] = field(default_factory=list)
     resolve: bool = False
+    ran: list[str] = field(default_factory=list)   # kind of every step looked at, for metrics
 
 
 MAX_STEPS_AT_ONCE = 100  # a chain of only notify+repeat still ends: repeats are capped too
@@ -180,6 +184,7 @@ def plan(chain: Chain, step: int, repeats: int, now: float,
             return p
         s = chain.steps[p.step]
         index = p.step
+        p.ran.append(s.kind)
         if s.kind == "notify":
             p.notify += [(name, index) for name in s.notifiers]
             p.timeline.append(("escalation_step", {"step": index, "kind": "notify", "notifiers": list(s.notifiers)}))

@@ -32,9 +32,23 @@ def _chain(snapshot: str) -> Chain:
     return Chain.from_json(snapshot)
 
 
-def planner(snapshot: str, step: int, repeats: int, now: float, count: Callable[[float], int]):
-    """What the store calls for each due escalation (see store.Store.escalate)."""
+def planner(snapshot: str, step: int, repeats: int, now: float, count: Callable[[float], int],
+            due_at: float | None = None):
+    """What the store calls for each due escalation (see store.Store.escalate); `due_at` is when it was due."""
     return plan(_chain(snapshot), step, repeats, now, count)
+
+
+class Hooks:
+    """What the engine reports as it works; the daemon passes its metrics, which has these methods."""
+
+    def notification_attempt(self, notifier: str, outcome: str) -> None:
+        """One delivery attempt ended: outcome is ok, retry, failed or interrupted."""
+
+    def escalation_ran(self, steps: list[str], late: float | None) -> None:
+        """A due escalation ran these step kinds, `late` seconds after it was due (None: unknown)."""
+
+    def heartbeat(self, integration_id: str, event: str) -> None:
+        """A heartbeat was "expired" or "restored"."""
 
 
 def _iso(ts: float | None) -> str | None:
@@ -47,8 +61,10 @@ class Engine:
     """Runs as tasks inside the daemon; `get_*` callables read the current config."""
 
     def __init__(self, store, get_pipeline: Callable[[], Any], get_notifiers: Callable[[], Mapping[str, NotifierConfig]],
-                 public_url: Callable[[], str], heartbeat_timeouts: Callable[[], Mapping[str, float]]):
+                 public_url: Callable[[], str], heartbeat_timeouts: Callable[[], Mapping[str, float]],
+                 hooks: Hooks | None = None):
         self.store = store
+        self.hooks = hooks or Hooks()
         self.get_pipeline = get_pipeline
         self.get_notifiers = get_notifiers
         self.public_url = public_url
@@ -62,8 +78,11 @@ class Engine:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
         recovered = await self.store.recover_notifications()
+        for notifier in recovered:
+            self.hooks.notification_attempt(notifier, "interrupted")
         if recovered:
-            log.warning("%d notification attempts were interrupted by a stop; retrying them", recovered)
+            log.warning("notification attempts were interrupted by a stop; retrying them",
+                        extra={"count": len(recovered)})
         for name, loop in (("escalations", self._escalations), ("deliveries", self._deliveries),
                            ("heartbeats", self._heartbeats), ("maintenance", self._maintenance)):
             self._tasks.append(asyncio.create_task(self._forever(name, loop), name=f"engine-{name}"))
@@ -86,7 +105,7 @@ class Engine:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - logged and retried on the next tick
-                log.warning("%s: %s", name, exc)
+                log.warning("engine loop failed; retrying next tick", extra={"loop": name, "error": str(exc)})
                 busy = False
             if not busy:
                 try:
@@ -102,7 +121,17 @@ class Engine:
         due = await self.store.next_escalation_due()  # a read: the writer is only asked when needed
         if due is None or due > time.time():
             return False
-        return await self.store.escalate(planner, limit=BATCH) >= BATCH
+        ran: list[tuple[list[str], float | None]] = []
+
+        def run(snapshot, step, repeats, now, count, due_at=None):
+            p = planner(snapshot, step, repeats, now, count)
+            ran.append((p.ran, None if due_at is None else max(0.0, now - due_at)))
+            return p
+
+        looked_at = await self.store.escalate(run, limit=BATCH)
+        for steps, late in ran:  # reported once committed: a refused batch ran nothing
+            self.hooks.escalation_ran(steps, late)
+        return looked_at >= BATCH
 
     # -- deliveries --------------------------------------------------------------------
 
@@ -120,7 +149,8 @@ class Engine:
             async with self._slots:
                 await self._deliver_once(n)
         except Exception as exc:  # noqa: BLE001 - the attempt stays recorded as started; retried after restart
-            log.warning("delivery of %s failed unexpectedly: %s", n["id"], exc)
+            log.warning("delivery failed unexpectedly",
+                        extra={"notification": n["id"], "notifier": n["notifier"], "error": str(exc)})
         finally:
             self._sending.discard(n["id"])
 
@@ -131,19 +161,29 @@ class Engine:
         notifier = self.get_notifiers().get(n["notifier"])
         if notifier is None:
             await self.store.attempt_result(n["id"], attempt, False, "notifier no longer configured", None)
+            self.hooks.notification_attempt(n["notifier"], "failed")
             return
         delivery = await self._delivery(n, attempt)
         if delivery is None:
             await self.store.attempt_result(n["id"], attempt, False, "alert group no longer exists", None)
+            self.hooks.notification_attempt(n["notifier"], "failed")
             return
         result = await send(notifier, delivery, self._session)
         retry_at = None
         if not result.ok and result.retry and attempt < MAX_ATTEMPTS:
             retry_at = time.time() + backoff(attempt)
         await self.store.attempt_result(n["id"], attempt, result.ok, result.detail, retry_at)
-        if not result.ok and retry_at is None:
-            log.warning("notification %s to %s failed for good after %d attempt(s): %s",
-                        n["id"], n["notifier"], attempt, result.detail)
+        outcome = "ok" if result.ok else ("retry" if retry_at is not None else "failed")
+        self.hooks.notification_attempt(n["notifier"], outcome)
+        fields = {"notification": n["id"], "notifier": n["notifier"], "event": n["event"], "attempt": attempt,
+                  "outcome": outcome, "detail": result.detail}
+        if outcome == "failed":
+            log.warning("notification failed for good", extra=fields)
+        elif outcome == "retry":
+            log.info("notification attempt failed, will retry",
+                     extra={**fields, "retry_in": round(retry_at - time.time(), 3)})
+        else:
+            log.info("notification sent", extra=fields)
 
     async def _delivery(self, n: dict, attempt: int) -> Delivery | None:
         group = await self.store.get_group(n["group_id"])
@@ -199,7 +239,9 @@ class Engine:
             await self.get_pipeline().ingest(
                 integration, integration.kind.heartbeat_payload(integration.name, restored=False), source="heartbeat")
             await self.store.heartbeat_expired(iid, seen[0])
-            log.warning("heartbeat of %s expired (no ping for %.0f s)", iid, now - seen[0])
+            self.hooks.heartbeat(iid, "expired")
+            log.warning("heartbeat expired", extra={"integration": iid, "silent_for": round(now - seen[0], 3),
+                                                    "timeout": timeout})
         return False
 
     async def heartbeat_received(self, integration, previous_state: str | None) -> None:
@@ -207,7 +249,8 @@ class Engine:
         if previous_state == "expired":
             await self.get_pipeline().ingest(
                 integration, integration.kind.heartbeat_payload(integration.name, restored=True), source="heartbeat")
-            log.info("heartbeat of %s restored", integration.id)
+            self.hooks.heartbeat(integration.id, "restored")
+            log.info("heartbeat restored", extra={"integration": integration.id})
 
     # -- maintenance -------------------------------------------------------------------
 
@@ -216,5 +259,5 @@ class Engine:
         for iid, info in list(self.store.maintenance.items()):
             if info["ends_at"] <= now:
                 await self.store.maintenance_stop(iid)
-                log.info("maintenance of %s ended", iid)
+                log.info("maintenance ended", extra={"integration": iid})
         return False

@@ -12,7 +12,6 @@ import errno
 import functools
 import hashlib
 import json
-import math
 import re
 import time
 from collections.abc import Mapping
@@ -27,6 +26,7 @@ import aiohttp
 import aiosmtplib
 import jinja2
 
+from grouping.durations import parse_duration
 from grouping.templates import (
     MAX_RESULT_LENGTH,
     Budget,
@@ -165,9 +165,14 @@ def parse_notifier(table: dict, where: str, problems: list[str]) -> NotifierConf
 
     events = _parse_events(get("events", list, list(DEFAULT_EVENTS)), problem)
 
-    timeout = get("timeout", (int, float), 10.0)
-    if not math.isfinite(timeout) or timeout <= 0:
-        problem("'timeout' must be a positive number of seconds")
+    timeout = get("timeout", (int, float, str), 10.0)
+    try:
+        timeout = parse_duration(timeout)
+        if timeout <= 0:
+            problem("'timeout' must be a positive duration")
+    except ValueError as exc:
+        problem(f"'timeout': {exc}")
+        timeout = 10.0
 
     url = get("url", str, None, required=kind in ("webhook", "slack"))
     if url is not None and not _is_http_url(url):

@@ -11,8 +11,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*([smhd])\s*$")
+from .durations import UNITS, parse_duration
+
+_SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\S.*?)\s*$")
 MAX_LIMIT = 1_000_000
 
 
@@ -26,22 +27,22 @@ class RateSpec:
 
 
 def parse_rate(text: str) -> RateSpec:
-    """'300/5m' -> RateSpec(300, 300.0); ValueError with a clear text otherwise."""
+    """'300/5m' -> RateSpec(300, 300.0), '10/s' -> one second, '1000/1h30m'; ValueError otherwise.
+
+    The period is any duration (grouping.durations); a bare unit means one of it.
+    """
     m = _SPEC.match(text or "")
     if not m:
         raise ValueError(f"rate limit '{text}' is not N/period (e.g. '300/5m', '10/s')")
-    count, amount, unit = int(m.group(1)), int(m.group(2) or 1), m.group(3)
-    if not 1 <= count <= MAX_LIMIT or amount < 1:
+    count, period = int(m.group(1)), m.group(2)
+    try:
+        seconds = parse_duration("1" + period if period in UNITS else period)
+    except ValueError:
+        raise ValueError(f"rate limit '{text}': the period '{period}' is not a duration"
+                         " (e.g. '300/5m', '10/s', '1000/1h30m')") from None
+    if not 1 <= count <= MAX_LIMIT or seconds <= 0:
         raise ValueError(f"rate limit '{text}': N must be 1..{MAX_LIMIT} and the period positive")
-    return RateSpec(count, float(amount * _UNITS[unit]), text.strip())
-
-
-def parse_duration(text: str) -> float:
-    """'10m' -> 600.0; also plain seconds as a number."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
-    if not m:
-        raise ValueError(f"duration '{text}' is not a number with s, m, h or d")
-    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    return RateSpec(count, seconds, text.strip())
 
 
 class SlidingLimit:

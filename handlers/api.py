@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from grouping.durations import parse_duration
 from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration, decide
 from grouping.templates import render_budget
 from store import ALLOWED_FROM, Group, InvalidTransition, NotFound, StoreUnavailable
@@ -72,8 +73,9 @@ class Api:
 
     def __init__(self, get_pipeline: Callable[[], Pipeline], *, tokens: Callable[[], tuple[str, ...]],
                  public_url: Callable[[], str], email_domain: Callable[[], str | None],
-                 max_body_bytes: int = 1024 * 1024):
+                 max_body_bytes: int = 1024 * 1024, hooks=None):
         self.get_pipeline = get_pipeline
+        self.hooks = hooks  # optional: .auth_failure("api") on every 401
         self.tokens = tokens
         self.public_url = public_url
         self.email_domain = email_domain
@@ -112,6 +114,8 @@ class Api:
             given = given[7:]
         given = given.strip().encode()
         if not given or not any(hmac.compare_digest(given, t.encode()) for t in self.tokens()):
+            if self.hooks is not None:
+                self.hooks.auth_failure("api")
             return error(401, "Invalid or missing API token (send 'Authorization: <token>')")
         try:
             return await handler(request)
@@ -199,8 +203,12 @@ class Api:
         duration = body.get("duration") if isinstance(body, dict) else None
         if mode not in ("debug", "maintenance"):
             return error(400, "mode must be \"debug\" or \"maintenance\"")
-        if not isinstance(duration, (int, float)) or isinstance(duration, bool) or duration <= 0:
-            return error(400, "duration must be a positive number of seconds")
+        try:
+            duration = parse_duration(duration)  # seconds, or a text like "1h30m"
+        except ValueError:
+            duration = 0
+        if duration <= 0:
+            return error(400, "duration must be a positive number of seconds (or a text like \"1h30m\")")
         title = f"Maintenance of {integration.name} for {_human(duration)}"
         try:
             await self.get_pipeline().store.maintenance_start(integration.id, mode, float(duration), title)

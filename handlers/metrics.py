@@ -1,10 +1,12 @@
 """Prometheus metrics (prometheus-client) and the `/metrics` endpoint.
 
-One registry per process; ingress, the store and the SMTP door report into it
-through the small methods below, never through prometheus objects directly.
+One registry per process; ingress, the store, the SMTP door, the escalation engine
+and both logins report into it through the small methods below, never through
+prometheus objects directly.
 """
 from __future__ import annotations
 
+import platform
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -19,13 +21,16 @@ from prometheus_client import (
     generate_latest,
 )
 
+from escalation.chains import STEP_KINDS
+
 STATES = ("new", "acknowledged", "silenced")
+AUTH_SURFACES = ("api", "ui")
 
 
 class Metrics:
     """Every metric tocsin exports."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = "unknown") -> None:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
@@ -53,6 +58,26 @@ class Metrics:
                                 ["integration"], registry=r)
         self.mailbox_messages = Counter("tocsin_imap_messages_total", "IMAP messages handled, by outcome",
                                         ["integration", "outcome"], registry=r)
+        self.notification_attempts = Counter(
+            "tocsin_notification_attempts_total",
+            "Notification delivery attempts by outcome (ok, retry, failed for good, interrupted by a stop)",
+            ["notifier", "outcome"], registry=r)
+        self.escalation_steps = Counter("tocsin_escalation_steps_total", "Escalation steps run, by kind",
+                                        ["step"], registry=r)
+        self.escalation_lateness = Histogram(
+            "tocsin_escalation_lateness_seconds", "How long after it was due a due escalation ran", registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900),
+        )
+        self.heartbeats = Counter("tocsin_heartbeats_total", "Heartbeats expired and restored",
+                                  ["integration", "event"], registry=r)
+        self.auth_failures = Counter("tocsin_auth_failures_total", "Requests refused for a wrong or missing"
+                                     " API token (api) and failed logins (ui)", ["surface"], registry=r)
+        for surface in AUTH_SURFACES:  # present at 0 from the start, so rate() and alerts see the first one
+            self.auth_failures.labels(surface)
+        for kind in STEP_KINDS:
+            self.escalation_steps.labels(kind)
+        Gauge("tocsin_build_info", "The running tocsin: version and Python version", ["version", "python"],
+              registry=r).labels(version, platform.python_version()).set(1)
 
     # -- hooks the rest of tocsin calls ---------------------------------------------
 
@@ -81,6 +106,23 @@ class Metrics:
 
     def mailbox_message(self, integration_id: str, outcome: str) -> None:
         self.mailbox_messages.labels(integration_id, outcome).inc()
+    def auth_failure(self, surface: str) -> None:
+        """A wrong or missing credential: surface is "api" or "ui"."""
+        self.auth_failures.labels(surface).inc()
+
+    # the escalation engine's hooks (escalation.engine.Hooks)
+
+    def notification_attempt(self, notifier: str, outcome: str) -> None:
+        self.notification_attempts.labels(notifier, outcome).inc()
+
+    def escalation_ran(self, steps: list[str], late: float | None) -> None:
+        for kind in steps:
+            self.escalation_steps.labels(kind).inc()
+        if late is not None:
+            self.escalation_lateness.observe(late)
+
+    def heartbeat(self, integration_id: str, event: str) -> None:
+        self.heartbeats.labels(integration_id, event).inc()
 
     def handler(self, count_groups: Callable[[], Awaitable[list[tuple[str, str, int]]]]):
         """The `/metrics` handler; open-group gauges are read from the database per scrape."""

@@ -90,8 +90,8 @@ class SmtpIngress:
         )
         self._server = await loop.create_server(lambda: _Gate(self), s.host, s.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("smtp listening host=%s port=%s domains=%s starttls=%s",
-                 s.host, self.port, ",".join(sorted(self._domains)), self._tls is not None)
+        log.info("smtp listening", extra={"host": s.host, "port": self.port, "domains": sorted(self._domains),
+                                          "starttls": self._tls is not None})
 
     def reconfigure(self, settings: Any) -> bool:
         """Take a reloaded [smtp] table: domains, allowed networks and limits apply to the
@@ -122,8 +122,8 @@ class SmtpIngress:
             try:
                 await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, deadline - loop.time()))
             except TimeoutError:
-                log.warning("smtp stop: %d sessions still in DATA after %.0fs, closing them",
-                            len(self._sessions), timeout)
+                log.warning("smtp stop: sessions still in DATA, closing them",
+                            extra={"sessions": len(self._sessions), "waited": timeout})
         if self._commits:  # a commit whose client went away still finishes
             await asyncio.wait(list(self._commits), timeout=max(0.01, deadline - loop.time()))
         for session in list(self._sessions):
@@ -214,7 +214,7 @@ class SmtpIngress:
             try:
                 method(*args)
             except Exception:
-                log.debug("smtp metrics hook %s failed", hook, exc_info=True)
+                log.debug("smtp metrics hook failed", extra={"hook": hook}, exc_info=True)
 
 
 class MailHandler:
@@ -266,7 +266,7 @@ class MailHandler:
         except TimeoutError:
             reason, reply = "timeout", "451 4.3.0 Timed out storing the message, try again later"
         except Exception:
-            log.exception("smtp: could not ingest message from %s", session.peer)
+            log.exception("smtp: could not ingest message", extra={"peer": (session.peer or ("",))[0]})
             reason, reply = "error", "451 4.3.0 Internal error, try again later"
         else:
             for integration in targets.values():
@@ -279,7 +279,7 @@ class MailHandler:
         return reply
 
     async def handle_exception(self, error: Exception) -> str:
-        log.error("smtp: session error: %r", error, exc_info=error)
+        log.error("smtp: session error", extra={"error_type": type(error).__name__}, exc_info=error)
         return "451 4.3.0 Internal error, try again later"
 
 

@@ -314,7 +314,7 @@ class Store:
             except Exception:
                 db.execute("ROLLBACK")
                 raise
-            log.info("schema migrated to version %d", number)
+            log.info("schema migrated", extra={"version": number})
         self._writer = db
         self._load_maintenance()
 
@@ -381,7 +381,8 @@ class Store:
         """Record an attempt's outcome (and when to retry); the notification's new state."""
         return await self._submit("attempt_result", (notification_id, attempt, ok, detail, retry_at))
 
-    async def recover_notifications(self) -> int:
+    async def recover_notifications(self) -> list[str]:
+        """Mark attempts cut off by a stop as interrupted (retried now); the notifier of each."""
         return await self._submit("recover_notifications", None)
 
     async def maintenance_start(self, integration_id: str, mode: str, seconds: float, title: str) -> dict:
@@ -449,7 +450,7 @@ class Store:
             results = self._prepare(jobs)
             db.execute("COMMIT")
         except Exception as exc:
-            log.error("commit failed, %d writes refused: %s", len(jobs), exc)
+            log.error("commit failed, writes refused", extra={"writes": len(jobs), "error": str(exc)})
             try:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -663,11 +664,11 @@ class Store:
     # -- escalation and notifications (the decisions are the escalation package's) ------
 
     def _escalate(self, batch: _Batch, now: float, limit: int, planner) -> int:
-        """Run every due escalation step: `planner(chain_json, step, repeats, now, count)`
+        """Run every due escalation step: `planner(chain_json, step, repeats, now, count, due_at)`
         returns what to do (escalation.chains.Plan)."""
         db = self._writer
         rows = db.execute(
-            "SELECT group_id, chain, step, repeats FROM escalations WHERE state = 'running' AND due_at <= ?"
+            "SELECT group_id, chain, step, repeats, due_at FROM escalations WHERE state = 'running' AND due_at <= ?"
             " ORDER BY due_at LIMIT ?", (now, limit)).fetchall()
         if not rows:
             return 0
@@ -675,7 +676,7 @@ class Store:
             marks = ",".join("?" * len(chunk))
             for row in db.execute(f"{_GROUP_SELECT} WHERE id IN ({marks})", chunk):
                 batch.remember(_group(row))
-        for group_id, chain, step, repeats in rows:
+        for group_id, chain, step, repeats, due_at in rows:
             g = batch.by_id.get(group_id)
             if g is None or g.state != "new":
                 batch.statements.append(("UPDATE escalations SET state = 'stopped', due_at = NULL WHERE group_id = ?",
@@ -687,7 +688,7 @@ class Store:
                 return db.execute("SELECT count(*) FROM alerts WHERE alert_group_id = ? AND created_at >= ?",
                                   (g.id, last - seconds)).fetchone()[0]
 
-            plan = planner(chain, step, repeats, now, count)
+            plan = planner(chain, step, repeats, now, count, due_at)
             batch.statements.append(("UPDATE escalations SET step = ?, repeats = ?, state = ?, due_at = ?"
                                      " WHERE group_id = ?", (plan.step, plan.repeats, plan.state, plan.due_at, g.id)))
             for event, detail in plan.timeline:
@@ -723,7 +724,7 @@ class Store:
         })))
         return state
 
-    def _recover_notifications(self, batch: _Batch, now: float) -> int:
+    def _recover_notifications(self, batch: _Batch, now: float) -> list[str]:
         """Attempts that began before a crash and never recorded an outcome: say so, retry."""
         rows = self._writer.execute(
             "SELECT id, group_id, notifier, event, attempts FROM notifications"
@@ -735,7 +736,7 @@ class Store:
                 "next_attempt_at": now,
             })))
             batch.statements.append(("UPDATE notifications SET results = attempts, due_at = ? WHERE id = ?", (now, nid)))
-        return len(rows)
+        return [r[2] for r in rows]
 
     # -- maintenance ------------------------------------------------------------------
 

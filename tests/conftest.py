@@ -142,6 +142,31 @@ async def tocsin(start_tocsin) -> Harness:
     return await start_tocsin()
 
 
+_LOGFMT_PAIR = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|(\S*))')
+_LOGFMT_ESCAPE = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def parse_log_line(line: str) -> dict:
+    """One line of the daemon's log, JSON or logfmt, as a dict of strings (JSON keeps its types)."""
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            return json.loads(line)
+        except ValueError:
+            return {}
+    return {key: re.sub(r"\\(.)", lambda m: _LOGFMT_ESCAPE.get(m.group(1), m.group(1)), quoted) if quoted else bare
+            for key, quoted, bare in _LOGFMT_PAIR.findall(line)}
+
+
+def ready_ports(line: str) -> tuple[int, int | None] | None:
+    """(http port, smtp port or None) from the daemon's "tocsin ready" line; None for any other line."""
+    fields = parse_log_line(line)
+    if fields.get("msg") != "tocsin ready" or "http" not in fields:
+        return None
+    smtp = fields.get("smtp", "off")
+    return int(fields["http"].rpartition(":")[2]), (None if smtp == "off" else int(smtp.rpartition(":")[2]))
+
+
 class Process:
     """`python -m daemon serve` as a child process, ports read from its ready line."""
 
@@ -160,10 +185,9 @@ class Process:
             if not line:
                 break
             self.output.append(line)
-            m = re.search(r"tocsin ready http=[^ ]+:(\d+) smtp=(?:[^ ]+:(\d+)|off)", line)
-            if m:
-                self.http_port = int(m.group(1))
-                self.smtp_port = int(m.group(2)) if m.group(2) else None
+            ready = ready_ports(line)
+            if ready:
+                self.http_port, self.smtp_port = ready
                 # Keep reading, so a chatty child never blocks on a full pipe.
                 threading.Thread(target=self._drain, daemon=True).start()
                 return

@@ -181,7 +181,7 @@ async def test_interrupted_attempt_is_recorded_and_retried(tmp_path):
 
     store = Store(tmp_path / "x.db")
     await store.open()
-    assert await store.recover_notifications() == 1
+    assert await store.recover_notifications() == ["n"]
     [due_again] = await store.due_notifications(time.time() + 1)
     assert due_again["id"] == due["id"] and due_again["attempts"] == 1
     assert await store.attempt_start(due["id"]) == 2

@@ -225,6 +225,9 @@ class Views:
             return await self.login_form(request, error="The login form expired; try again.", status=403)
         token = token_matches(str(form.get("token", "")), self.tokens())
         if token is None:
+            hooks = getattr(self.daemon, "metrics", None)  # optional: the daemon's metrics
+            if hooks is not None:
+                hooks.auth_failure("ui")
             # One failed attempt at a time, each slowed: guessing a token from here is hopeless.
             async with self._login_lock:
                 await asyncio.sleep(0.25)
