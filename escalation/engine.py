@@ -38,9 +38,12 @@ def planner(snapshot: str, step: int, repeats: int, now: float, count: Callable[
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
+    if ts is None or ts != ts:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (OverflowError, ValueError, OSError):  # a stored time past year 9999 must not stop a delivery
+        return "9999-12-31T23:59:59.999999Z" if ts > 0 else "0001-01-01T00:00:00.000000Z"
 
 
 class Engine:
