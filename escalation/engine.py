@@ -3,7 +3,9 @@ heartbeat expiry and the end of maintenance windows.
 
 Everything it acts on lives in the database, so a restart picks up where the process
 stopped: due steps run (late rather than never), interrupted deliveries are retried
-under the same idempotency key.
+under the same idempotency key. Work that another process writes to the same database
+(`tocsin resolve` from the command line: its lifecycle notifications, a restarted
+escalation) is found the same way, by the next tick's look for due rows.
 """
 from __future__ import annotations
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import hmac
 import json
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
 
 from grouping import lifecycle
 from grouping.lifecycle import ActionError, UnknownAction
-from grouping.pipeline import Integration, IntegrationError, Pipeline, preview_json, render_output, with_templates
+from grouping.pipeline import Integration, IntegrationError, Pipeline, preview_json, with_templates
+from grouping.pipeline import render_output  # noqa: F401 - the UI's pages import it from here
 from store import Group, InvalidTransition, NotFound, StoreUnavailable
 
 from .http import BadBody, error, parse_json_body, read_body

@@ -344,6 +344,15 @@ async def test_out_of_range_numbers_are_refused_alike(tocsin, tmp_path):
         status, g = await tocsin.api("GET", f"alert_groups/{gid}/")
         assert g["state"] == "new" and g["silenced_at"] is None  # none of them was committed
 
+        # The state rules refuse in the same words, whoever asks.
+        status, body = await tocsin.api("POST", f"alert_groups/{gid}/unsilence/")
+        code, _, err = await cli("unsilence", gid, "-c", str(tocsin.config_path))
+        assert status == 400 and code == 1
+        assert body["error"] == "Can't unsilence a new alert group" and err.strip() == f"tocsin: {body['error']}"
+        status, body = await tocsin.api("POST", "alert_groups/INOSUCHGROUP1/resolve/")
+        code, _, err = await cli("resolve", "INOSUCHGROUP1", "-c", str(tocsin.config_path))
+        assert status == 404 and code == 1 and err.strip() == f"tocsin: {body['error']}"
+
         for duration in (1e300, MAINTENANCE_MAX + 1, 0, -5, 2.5, "3600", None):
             status, body = await tocsin.api("POST", "integrations/wh/maintenance_start/",
                                             {"mode": "debug", "duration": duration})
@@ -362,6 +371,11 @@ async def test_out_of_range_numbers_are_refused_alike(tocsin, tmp_path):
             for path in ("alert_groups/", "integrations/", "alerts/"):
                 status, body = await tocsin.api("GET", f"{path}?{query}")
                 assert status == 400 and "from 1 to" in body["error"], (path, query, body)
+
+        # The UI's pages show the problem instead of failing.
+        for path in ("/ui/groups?page=100000000000000000000", f"/ui/groups/{gid}?page=100000000000000000000",
+                     "/ui/api/groups?page=100000000000000000000"):
+            assert await ui.status_of(path) == 200, path
 
         # Everything still reads.
         for path in ("alert_groups/", "integrations/", f"alert_groups/{gid}/"):

@@ -14,8 +14,9 @@ import jinja2
 from aiohttp import web
 
 from grouping import lifecycle
-from grouping.pipeline import TEMPLATE_NAMES, Integration, IntegrationError, preview_json, with_templates
-from handlers.api import STATES, Api, alert_json, group_story, parse_time, render_output
+from grouping.pipeline import (TEMPLATE_NAMES, Integration, IntegrationError, preview_json, render_output,
+                               with_templates)
+from handlers.api import MAX_PAGE, STATES, Api, alert_json, group_story, parse_time
 from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
 
 from . import editor
@@ -448,6 +449,9 @@ class Views:
         except ValueError:
             page, size = 1, PAGE_SIZE
             problems.append("page and perpage must be numbers")
+        if page > MAX_PAGE:  # past it the offset overflows SQLite's integers
+            page = 1
+            problems.append(f"page must be from 1 to {MAX_PAGE}")
         query.update(limit=size, offset=(page - 1) * size)
         shown.update(page=page, perpage=size)
         return query, shown, problems
@@ -496,7 +500,7 @@ class Views:
         if g is None:
             raise web.HTTPNotFound(text="No such alert group")
         try:
-            page = max(1, int(request.query.get("page", "1")))
+            page = min(MAX_PAGE, max(1, int(request.query.get("page", "1"))))
         except ValueError:
             page = 1
         count, alerts = await pipeline.store.list_alerts(alert_group_id=g.id, newest_first=True,
