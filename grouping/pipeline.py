@@ -1,7 +1,8 @@
 """The one path every alert takes: templates decide, the store commits.
 
-`decide` is pure (payload and templates in, a Decision out) and serves live traffic,
-`tocsin render` and the preview API alike. `Pipeline` wraps it with the time budget
+`decide` is pure (payload and templates in, a Decision out) and serves live traffic;
+`preview` runs it over a request body split as ingestion splits it, for `tocsin render`,
+the preview API and the template editor alike. `Pipeline` wraps it with the time budget
 and hands decided alerts to the store.
 """
 from __future__ import annotations
