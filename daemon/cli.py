@@ -64,8 +64,7 @@ def _read_payload(args):
 
 
 def cmd_render(args) -> int:
-    from grouping.pipeline import payloads_of
-    from handlers.api import render_standalone
+    from grouping.pipeline import preview, preview_json
 
     try:
         config = cfg.load(args.config)
@@ -80,12 +79,11 @@ def cmd_render(args) -> int:
         payload = _read_payload(args)
     except ValueError as exc:
         return _fail(str(exc))
-    results = [render_standalone(integration, body, config.daemon.render_budget)
-               for body in payloads_of(integration.kind, payload)]
+    results = preview(integration, payload, config.daemon.render_budget)
     if args.email:
         for r in results:
             r["payload"] = payload
-    print(json.dumps(results[0] if len(results) == 1 else results, indent=2, ensure_ascii=False))
+    print(json.dumps(preview_json(results), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -156,6 +154,9 @@ async def _with_store(config: cfg.Config, work):
     from store import Store
 
     store = Store(config.daemon.database)
+    # As the daemon's store has it: an action here writes the lifecycle notifications the
+    # config asks for, and the daemon serving this database delivers them.
+    store.lifecycle_events = {n.name: frozenset(n.events) for n in config.notifiers}
     await store.open()
     try:
         return await work(store)
@@ -193,8 +194,9 @@ def cmd_groups(args) -> int:
 
 
 def cmd_action(args) -> int:
+    """ack, resolve, silence, …: the same function (checks, timeline, notifications) as the API and UI."""
+    from grouping import lifecycle
     from grouping.durations import parse_duration
-    from store import InvalidTransition, NotFound
 
     config, err = _config_or_fail(args)
     if config is None:
@@ -202,17 +204,20 @@ def cmd_action(args) -> int:
     delay = None
     if args.command == "silence":
         try:
-            delay = -1 if args.duration in (None, "forever") else int(parse_duration(args.duration))
+            delay = -1 if args.duration in (None, "forever") else parse_duration(args.duration)
+            delay = lifecycle.silence_delay(delay)
         except ValueError as exc:
             return _fail(str(exc))
 
     async def work(store):
-        return await store.act(args.id, args.command, delay=delay)
+        return await lifecycle.act(store, args.id, args.command, delay=delay)
 
     try:
         g = asyncio.run(_with_store(config, work))
-    except (InvalidTransition, NotFound) as exc:
+    except (lifecycle.ActionError, lifecycle.InvalidTransition, lifecycle.NotFound) as exc:
         return _fail(str(exc))
+    except lifecycle.StoreUnavailable as exc:
+        return _fail(f"storage unavailable, retry later: {exc}")
     print(f"{g.id}: {g.state}")
     return 0
 

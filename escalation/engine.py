@@ -3,7 +3,9 @@ heartbeat expiry and the end of maintenance windows.
 
 Everything it acts on lives in the database, so a restart picks up where the process
 stopped: due steps run (late rather than never), interrupted deliveries are retried
-under the same idempotency key.
+under the same idempotency key. Work that another process writes to the same database
+(`tocsin resolve` from the command line: its lifecycle notifications, a restarted
+escalation) is found the same way, by the next tick's look for due rows.
 """
 from __future__ import annotations
 
@@ -52,9 +54,12 @@ class Hooks:
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
+    if ts is None or ts != ts:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (OverflowError, ValueError, OSError):  # a stored time past year 9999 must not stop a delivery
+        return "9999-12-31T23:59:59.999999Z" if ts > 0 else "0001-01-01T00:00:00.000000Z"
 
 
 class Engine:

@@ -1,7 +1,8 @@
 """The one path every alert takes: templates decide, the store commits.
 
-`decide` is pure (payload and templates in, a Decision out) and serves live traffic,
-`tocsin render` and the preview API alike. `Pipeline` wraps it with the time budget
+`decide` is pure (payload and templates in, a Decision out) and serves live traffic;
+`preview` runs it over a request body split as ingestion splits it, for `tocsin render`,
+the preview API and the template editor alike. `Pipeline` wraps it with the time budget
 and hands decided alerts to the store.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .routes import Route, choose
 from .templates import (
     Budget,
     NeedsMoreTime,
+    render_budget,
     Outcome,
     TemplateCompileError,
     compile_template,
@@ -226,6 +228,45 @@ def payloads_of(kind: Kind, payload: Any) -> list[Any]:
     return list(split_alerts(kind, payload))
 
 
+def render_output(d: Decision) -> dict:
+    """A Decision as `tocsin render`, the preview API and the template editor show it."""
+    return {
+        "grouping_id": d.grouping_id,
+        "grouping_key": d.grouping_key,
+        "resolve": d.resolve,
+        "acknowledge": d.acknowledge,
+        "source_link": d.source_link,
+        "title": d.title,
+        "message": d.message,
+        "image_url": d.image_url or None,
+        "route": d.route,
+        "errors": dict(d.errors),
+    }
+
+
+def with_templates(integration: Integration, overrides: Mapping[str, str]) -> Integration:
+    """The integration with other template overrides, its routes and escalations kept
+    (a preview decides the route the edited integration would really take).
+    Raises IntegrationError when a template does not compile."""
+    return build_integration(integration.id, integration.name, integration.kind.slug, integration.token,
+                             overrides, integration.routes, integration.chains)
+
+
+def preview(integration: Integration, payload: Any, budget_seconds: float = 1.0) -> list[dict]:
+    """What the pipeline decides for one request body, alert by alert, as live traffic
+    would: the body split and counted as ingestion does (payloads_of), each alert's
+    templates rendered in full within its own budget. The one function behind
+    `tocsin render`, the preview API and the template editor. Blocking: run it off the loop."""
+    return [render_output(decide(integration, body, render_budget(budget_seconds), full=True))
+            for body in payloads_of(integration.kind, payload)]
+
+
+def preview_json(results: list[dict]) -> Any:
+    """The printed form of a preview: the one alert's result, or the list when a body
+    makes none or several (a split `grafana` body)."""
+    return results[0] if len(results) == 1 else results
+
+
 def _refund(taken: list) -> None:
     for limit in reversed(taken):
         limit.refund()
@@ -274,6 +315,11 @@ class Pipeline:
         return await loop.run_in_executor(
             self._executor, lambda: decide(integration, payload, budget, full=full, **kw)
         )
+
+    async def preview(self, integration: Integration, payload: Any) -> list[dict]:
+        """preview() in a render thread, with this generation's budget."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, preview, integration, payload, self.render_budget)
 
     async def ingest(
         self, integration: Integration, payload: Any, *, source: str = "http",

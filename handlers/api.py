@@ -4,20 +4,23 @@ from __future__ import annotations
 import hmac
 import json
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
 
-from grouping.durations import parse_duration
-from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration, decide
-from grouping.templates import render_budget
-from store import ALLOWED_FROM, Group, InvalidTransition, NotFound, StoreUnavailable
+from grouping import lifecycle
+from grouping.lifecycle import ActionError, UnknownAction
+from grouping.pipeline import Integration, IntegrationError, Pipeline, preview_json, with_templates
+from grouping.pipeline import render_output  # noqa: F401 - the UI's pages import it from here
+from store import Group, InvalidTransition, NotFound, StoreUnavailable
 
 from .http import BadBody, error, parse_json_body, read_body
 
 STATES = ("new", "acknowledged", "resolved", "silenced")
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# Past this the offset alone would not fit SQLite's 64-bit integer; nobody pages that far.
+MAX_PAGE = 1_000_000
 
 # Public API template names (Grafana OnCall) for the config's template names.
 _API_TEMPLATE_NAMES = {
@@ -28,11 +31,22 @@ _API_TEMPLATE_NAMES = {
 }
 
 
+_EARLIEST = datetime(1, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+
+
 def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with microseconds, as Grafana OnCall prints them."""
-    if ts is None:
+    """Epoch seconds as ISO 8601 UTC with microseconds, as Grafana OnCall prints them.
+
+    A time beyond what a date can hold prints as the first or last one (a bad row never
+    breaks a read); one that is not a number prints as null."""
+    if ts is None or ts != ts:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        value = datetime.fromtimestamp(ts, timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        value = _LATEST if ts > 0 else _EARLIEST
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> float:
@@ -50,22 +64,6 @@ def alert_json(alert: dict) -> dict:
         pass
     return {"id": alert["id"], "alert_group_id": alert["alert_group_id"],
             "created_at": iso(alert["created_at"]), "payload": payload}
-
-
-def render_output(d) -> dict:
-    """What `tocsin render` and the preview endpoint print for a Decision."""
-    return {
-        "grouping_id": d.grouping_id,
-        "grouping_key": d.grouping_key,
-        "resolve": d.resolve,
-        "acknowledge": d.acknowledge,
-        "source_link": d.source_link,
-        "title": d.title,
-        "message": d.message,
-        "image_url": d.image_url or None,
-        "route": d.route,
-        "errors": dict(d.errors),
-    }
 
 
 class Api:
@@ -169,6 +167,8 @@ class Api:
         return web.json_response(self.integration_json(self._integration(request)))
 
     async def preview(self, request: web.Request) -> web.Response:
+        """What `tocsin render` prints for the payload, with `templates` (config names) in
+        place of the running ones; null keeps the running template."""
         integration = self._integration(request)
         try:
             body, _ = parse_json_body(await read_body(request, self.max_body_bytes))
@@ -179,19 +179,17 @@ class Api:
         templates = body.get("templates") or {}
         if not isinstance(templates, dict) or any(not isinstance(v, (str, type(None))) for v in templates.values()):
             return error(400, "'templates' must map template names to strings")
-        if templates:
+        unknown = set(templates) - set(integration.sources)
+        if unknown:
+            return error(400, f"unknown template(s): {', '.join(sorted(unknown))}")
+        edits = {k: v for k, v in templates.items() if v is not None}
+        if edits:
             try:
-                merged = {**integration.overrides, **{k: v for k, v in templates.items() if v is not None}}
-                unknown = set(templates) - set(integration.sources)
-                if unknown:
-                    return error(400, f"unknown template(s): {', '.join(sorted(unknown))}")
-                integration = build_integration(integration.id, integration.name, integration.kind.slug,
-                                                 integration.token, merged, integration.routes, integration.chains)
+                integration = with_templates(integration, {**integration.overrides, **edits})
             except IntegrationError as exc:
                 return error(400, str(exc))
-        pipeline = self.get_pipeline()
-        d = await pipeline.decide(integration, body["payload"], full=True)
-        return web.json_response(render_output(d))
+        results = await self.get_pipeline().preview(integration, body["payload"])
+        return web.json_response(preview_json(results))
 
     async def maintenance_start(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
@@ -199,27 +197,19 @@ class Api:
             body = await _optional_json(request)
         except BadBody as exc:
             return error(exc.status, str(exc))
-        mode = body.get("mode") if isinstance(body, dict) else None
-        duration = body.get("duration") if isinstance(body, dict) else None
-        if mode not in ("debug", "maintenance"):
-            return error(400, "mode must be \"debug\" or \"maintenance\"")
+        if not isinstance(body, dict):
+            return error(400, 'body must be {"mode": "debug"|"maintenance", "duration": seconds}')
         try:
-            duration = parse_duration(duration)  # seconds, or a text like "1h30m"
-        except ValueError:
-            duration = 0
-        if duration <= 0:
-            return error(400, "duration must be a positive number of seconds (or a text like \"1h30m\")")
-        title = f"Maintenance of {integration.name} for {_human(duration)}"
-        try:
-            await self.get_pipeline().store.maintenance_start(integration.id, mode, float(duration), title)
-        except InvalidTransition as exc:
+            await lifecycle.maintenance_start(self.get_pipeline().store, integration.id, integration.name,
+                                              body.get("mode"), body.get("duration"))
+        except (ActionError, InvalidTransition) as exc:
             return error(400, str(exc))
         return web.json_response(self.integration_json(integration))
 
     async def maintenance_stop(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
         try:
-            await self.get_pipeline().store.maintenance_stop(integration.id)
+            await lifecycle.maintenance_stop(self.get_pipeline().store, integration.id)
         except InvalidTransition as exc:
             return error(400, str(exc))
         return web.json_response(self.integration_json(integration))
@@ -227,12 +217,14 @@ class Api:
     # -- alert groups ----------------------------------------------------------------
 
     def paging(self, request: web.Request) -> tuple[int, int, int]:
-        try:
-            page = max(1, int(request.query.get("page", "1")))
-            size = min(MAX_PAGE_SIZE, max(1, int(request.query.get("perpage", str(PAGE_SIZE)))))
-        except ValueError:
-            raise web.HTTPBadRequest(text=json.dumps({"error": "page and perpage must be integers"}),
-                                     content_type="application/json") from None
+        """(offset, page, size) from ?page= and ?perpage=; a 400 naming the range otherwise."""
+        page = _bounded(request.query.get("page", "1"), 1, MAX_PAGE)
+        size = _bounded(request.query.get("perpage", str(PAGE_SIZE)), 1, MAX_PAGE_SIZE)
+        if page is None or size is None:
+            raise web.HTTPBadRequest(
+                text=json.dumps({"error": f"page must be an integer from 1 to {MAX_PAGE},"
+                                          f" perpage one from 1 to {MAX_PAGE_SIZE}"}),
+                content_type="application/json")
         return (page - 1) * size, page, size
 
     def page(self, request, count: int, results: list, page: int, size: int, slice_: bool = False) -> dict:
@@ -303,8 +295,6 @@ class Api:
 
     async def group_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
-        if action not in ALLOWED_FROM:
-            return error(404, f"no such action '{action}'")
         delay = None
         if action == "silence":
             try:
@@ -312,16 +302,12 @@ class Api:
             except BadBody as exc:
                 return error(exc.status, str(exc))
             delay = body.get("delay") if isinstance(body, dict) else None
-            if not isinstance(delay, int) or isinstance(delay, bool) or delay < -1:
-                return error(400, "silence needs {\"delay\": seconds} (-1 = forever)")
         try:
-            g = await self.get_pipeline().store.act(request.match_info["id"], action, delay=delay)
-        except NotFound as exc:
+            g = await lifecycle.act(self.get_pipeline().store, request.match_info["id"], action, delay=delay)
+        except (UnknownAction, NotFound) as exc:
             return error(404, str(exc))
-        except InvalidTransition as exc:
+        except (ActionError, InvalidTransition) as exc:
             return error(400, str(exc))
-        except StoreUnavailable as exc:
-            return error(503, f"storage unavailable, retry later: {exc}", headers={"Retry-After": "5"})
         return web.json_response((await self.group_json([g]))[0])
 
     async def timeline(self, request: web.Request) -> web.Response:
@@ -373,13 +359,13 @@ async def _optional_json(request: web.Request, limit: int = 65536):
     return parse_json_body(raw)[0] if raw.strip() else {}
 
 
-def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+def _bounded(text: str, low: int, high: int) -> int | None:
+    """An integer query parameter within [low, high], or None."""
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
 
 
-def render_standalone(integration: Integration, payload: Any, budget_seconds: float = 1.0) -> dict:
-    """`tocsin render`'s answer, computed without a running daemon."""
-    return render_output(decide(integration, payload, render_budget(budget_seconds), full=True))
+_human = lifecycle.human_duration  # the UI's name for it, until it imports lifecycle itself

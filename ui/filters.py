@@ -8,11 +8,19 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 
+def _utc(ts: float) -> datetime:
+    """A UTC datetime; a time past what a date holds is the first or last one (a bad row never breaks a page)."""
+    try:
+        return datetime.fromtimestamp(ts, timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return datetime.max.replace(tzinfo=timezone.utc) if ts > 0 else datetime.min.replace(tzinfo=timezone.utc)
+
+
 def when(ts: float | None) -> str:
     """Epoch seconds as a UTC date and time a person reads; "—" for none."""
-    if ts is None:
+    if ts is None or ts != ts:
         return "—"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return _utc(ts).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def ago(ts: float | None, now: float | None = None) -> str:
@@ -45,7 +53,7 @@ def duration(seconds: float | None) -> str:
 
 def iso_input(ts: float | None) -> str:
     """The value of a datetime-local input (UTC)."""
-    return "" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M")
+    return "" if ts is None or ts != ts else _utc(ts).strftime("%Y-%m-%dT%H:%M")
 
 
 def href(url: Any) -> str | None:

@@ -13,8 +13,10 @@ from urllib.parse import urlencode
 import jinja2
 from aiohttp import web
 
-from grouping.pipeline import TEMPLATE_NAMES, Integration, IntegrationError, build_integration
-from handlers.api import STATES, Api, _human, alert_json, group_story, parse_time, render_output
+from grouping import lifecycle
+from grouping.pipeline import (TEMPLATE_NAMES, Integration, IntegrationError, preview_json, render_output,
+                               with_templates)
+from handlers.api import MAX_PAGE, STATES, Api, alert_json, group_story, parse_time
 from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
 
 from . import editor
@@ -61,8 +63,11 @@ def see_other(to: str, status: int = 303) -> web.Response:
 
 
 def _local(next_: str | None, default: str = "/ui/groups") -> str:
-    """Only our own pages are redirect targets (no open redirect)."""
-    if next_ and next_.startswith("/ui/") and not next_.startswith("//") and "\\" not in next_:
+    """Only our own pages are redirect targets: a path under /ui/ of printable ASCII
+    without spaces or backslashes. Anything else (another site, a scheme, a CR/LF that
+    would split the Location header) gives `default`."""
+    if (next_ and next_.startswith("/ui/") and next_.isascii() and next_.isprintable()
+            and not any(c in next_ for c in " \\")):
         return next_
     return default
 
@@ -269,22 +274,18 @@ class Views:
                          modes=MAINTENANCE_MODES, durations=MAINTENANCE_CHOICES)
 
     async def maintenance_start(self, request: web.Request) -> web.Response:
-        """Start maintenance as the API's maintenance_start does (same title, same refusals)."""
+        """Start maintenance through the same function as the API (same checks, title, refusals)."""
         i = self._integration(request)
         form = await request.post()
-        mode = form.get("mode")
-        try:
-            seconds = int(str(form.get("duration", "")))
-        except ValueError:
-            seconds = 0
+        mode, duration = form.get("mode"), str(form.get("duration", ""))
+        # The form offers OnCall's choices only; the range itself is lifecycle's to say.
         if mode not in dict(MAINTENANCE_MODES):
             return self._redirect("/ui/integrations", "Choose debug or maintenance mode.", error=True)
-        if seconds not in dict(MAINTENANCE_CHOICES):
+        if duration not in {str(n) for n, _ in MAINTENANCE_CHOICES}:
             return self._redirect("/ui/integrations", "Choose how long the maintenance lasts.", error=True)
-        title = f"Maintenance of {i.name} for {_human(seconds)}"
         try:
-            info = await self.daemon.current().store.maintenance_start(i.id, mode, float(seconds), title)
-        except InvalidTransition as exc:
+            info = await lifecycle.maintenance_start(self.daemon.current().store, i.id, i.name, mode, duration)
+        except (lifecycle.ActionError, InvalidTransition) as exc:
             return self._redirect("/ui/integrations", f"{i.name}: {exc}", error=True)
         return self._redirect("/ui/integrations",
                               f"{i.name}: {mode} mode until {when(info['ends_at'])}.")
@@ -292,7 +293,7 @@ class Views:
     async def maintenance_stop(self, request: web.Request) -> web.Response:
         i = self._integration(request)
         try:
-            resolved = await self.daemon.current().store.maintenance_stop(i.id)
+            resolved = await lifecycle.maintenance_stop(self.daemon.current().store, i.id)
         except InvalidTransition as exc:
             return self._redirect("/ui/integrations", f"{i.name}: {exc}", error=True)
         more = f" {resolved} alert group{'' if resolved == 1 else 's'} resolved." if resolved else ""
@@ -372,7 +373,11 @@ class Views:
         return web.json_response({"payload": alert_json(found)["payload"]})
 
     async def preview(self, request: web.Request) -> web.Response:
-        """What the edited templates decide for a payload, and how they would group recent alerts."""
+        """What the edited templates decide for a payload (pipeline.preview, as `tocsin
+        render` and the preview API), and how they would group recent alerts.
+
+        `rendered` is exactly what those two print; the first alert's fields are also at
+        the top level for the page script."""
         i = self._integration(request)
         try:
             body = await request.json()
@@ -389,7 +394,7 @@ class Views:
         candidate = i
         if usable != running:
             try:
-                candidate = build_integration(i.id, i.name, i.kind.slug, i.token, editor.overrides_from(i.kind, usable))
+                candidate = with_templates(i, editor.overrides_from(i.kind, usable))
             except IntegrationError as exc:  # not expected: each edit compiled above
                 return web.json_response({"error": str(exc)}, status=400)
         out: dict[str, Any] = {"compile_errors": errors}
@@ -400,7 +405,12 @@ class Views:
         except ValueError as exc:
             out["payload_error"] = f"the payload is not JSON: {exc}"
         else:
-            out.update(render_output(await pipeline.decide(candidate, payload, full=True)))
+            results = await pipeline.preview(candidate, payload)
+            out["rendered"] = preview_json(results)
+            if results:
+                out.update(results[0])
+            if len(results) != 1:
+                out["alerts"] = len(results)
         out["groups"] = await self._compare_grouping(i, candidate)
         return web.json_response(out)
 
@@ -442,6 +452,9 @@ class Views:
         except ValueError:
             page, size = 1, PAGE_SIZE
             problems.append("page and perpage must be numbers")
+        if page > MAX_PAGE:  # past it the offset overflows SQLite's integers
+            page = 1
+            problems.append(f"page must be from 1 to {MAX_PAGE}")
         query.update(limit=size, offset=(page - 1) * size)
         shown.update(page=page, perpage=size)
         return query, shown, problems
@@ -490,7 +503,7 @@ class Views:
         if g is None:
             raise web.HTTPNotFound(text="No such alert group")
         try:
-            page = max(1, int(request.query.get("page", "1")))
+            page = min(MAX_PAGE, max(1, int(request.query.get("page", "1"))))
         except ValueError:
             page = 1
         count, alerts = await pipeline.store.list_alerts(alert_group_id=g.id, newest_first=True,
@@ -534,28 +547,22 @@ class Views:
         )
 
     async def group_action(self, request: web.Request) -> web.Response:
+        """Acknowledge, resolve, silence, …: lifecycle.act, as the API and the CLI call it."""
         form = await request.post()
         group_id, action = request.match_info["id"], request.match_info["action"]
+        # Settled before anything is done: a bad `next` falls back to the group's page
+        # rather than failing the redirect after the action has been committed.
         back = _local(str(form.get("next", "")), f"/ui/groups/{group_id}")
-        if action not in ALLOWED_FROM:
-            raise web.HTTPNotFound(text=f"No such action '{action}'")
-        delay = None
-        if action == "silence":
-            try:
-                delay = int(str(form.get("delay", "")))
-            except ValueError:
-                delay = 0
-            if delay < -1 or delay == 0:
-                return self._redirect(back, "Choose how long to silence for.", error=True)
         try:
-            await self.daemon.current().store.act(group_id, action, delay=delay)
-        except NotFound as exc:
+            lifecycle.check_action(action)
+        except lifecycle.UnknownAction:
+            raise web.HTTPNotFound(text=f"No such action '{action}'") from None
+        delay = form.get("delay") if action == "silence" else None
+        try:
+            await lifecycle.act(self.daemon.current().store, group_id, action, delay=delay)
+        except (lifecycle.ActionError, NotFound, InvalidTransition) as exc:
             return self._redirect(back, str(exc), error=True)
-        except InvalidTransition as exc:
-            return self._redirect(back, str(exc), error=True)
-        done = {"acknowledge": "acknowledged", "unacknowledge": "unacknowledged", "resolve": "resolved",
-                "unresolve": "unresolved", "silence": "silenced", "unsilence": "unsilenced"}[action]
-        return self._redirect(back, f"Alert group {group_id} {done}.")
+        return self._redirect(back, f"Alert group {group_id} {lifecycle.PAST[action]}.")
 
 
 def _heartbeat(beat: tuple[float, str] | None, timeout: float | None) -> dict:
