@@ -7,13 +7,21 @@ CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test bench bench-all chromium clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+
+# Two stamps: `make run` installs the runtime dependencies only (never pytest or
+# Playwright); `make test` adds the test extras.
+$(BIN)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-run: $(BIN)/.installed
+run: $(BIN)/.installed-run
 	mkdir -p var
 	$(BIN)/tocsin serve -c config.toml
 
@@ -25,15 +33,16 @@ chromium:
 	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q chromium; \
 	  else false; fi || echo "could not install $(CHROMIUM): the UI browser tests will skip"; }
 
-test: $(BIN)/.installed chromium
+test: $(BIN)/.installed-test chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed-run
 	$(BIN)/python bench/http_ingest.py
 
 bench-all: bench
 	$(BIN)/python bench/smtp_ingest.py
 	$(BIN)/python bench/flood.py
+	$(BIN)/python bench/grouping_scale.py
 	$(BIN)/python bench/ui_pages.py
 	$(BIN)/python bench/escalation_lateness.py
 

@@ -16,7 +16,8 @@ import pytest
 from daemon.app import Daemon, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-CORPUS = Path(os.environ.get("TOCSIN_CORPUS", ROOT.parent / "shared" / "corpus"))
+# The sample payloads and mails shipped in examples/: the tests read nothing outside the repository.
+CORPUS = ROOT / "examples"
 API_TOKEN = "test-api-token"
 
 # One integration per kind: (id, kind, token).
@@ -44,7 +45,16 @@ def integration(iid: str, kind: str, token: str, rest: str = "", name: str | Non
 
 
 def corpus(name: str) -> bytes:
+    """The bytes of one file under examples/, e.g. `corpus("http/zabbix-ok.json")`."""
     return (CORPUS / name).read_bytes()
+
+
+def corpus_files(pattern: str) -> list[Path]:
+    """Files under examples/ matching a glob, sorted; matching none is an error, so a moved
+    folder fails collection instead of quietly parametrizing zero cases."""
+    paths = sorted(CORPUS.glob(pattern))
+    assert paths, f"no {pattern} under {CORPUS}"
+    return paths
 
 
 def config_text(tmp_path: Path, *, extra_integrations: str = "", daemon_extra: str = "",

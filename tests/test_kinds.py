@@ -1,16 +1,15 @@
-"""The kinds' default templates decide what Grafana OnCall's defaults decide, on the shared corpus."""
+"""The kinds' default templates decide what Grafana OnCall's defaults decide, on the examples/ payloads."""
 from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 from jinja2.sandbox import SandboxedEnvironment
 
+from conftest import CORPUS
 from grouping.kinds import KINDS, TEMPLATE_NAMES, count_alerts, split_alerts
 
-CORPUS = Path("/work/shared/corpus/http")
 
 # The plain OnCall environment (sandboxed, not immutable, default Undefined, trailing newline
 # dropped) plus the one custom filter the default templates use, with OnCall's semantics.
@@ -41,7 +40,7 @@ def resolves(kind_slug: str, payload) -> bool:
 
 
 def corpus(name: str):
-    return json.loads((CORPUS / f"{name}.json").read_text())
+    return json.loads((CORPUS / "http" / f"{name}.json").read_text())
 
 
 def alerts_of(kind_slug: str, payload) -> list:
@@ -104,7 +103,7 @@ def test_texts_keep_oncall_whitespace():
     assert KINDS["webhook"].templates["grouping_id"].endswith("{% endif %}")
 
 
-# --- corpus expectations (corpus/README.md) -----------------------------------------------------
+# --- example expectations (examples/README.md) --------------------------------------------------
 
 CASES = [
     # file, kind, grouping id text, resolves, source link

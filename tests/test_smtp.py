@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import CORPUS, TOKEN
+from conftest import CORPUS, TOKEN, corpus_files
 from daemon.config import SmtpConfig
 from grouping.pipeline import Accepted, RateLimited, Unavailable
 from handlers.mail import is_cheap, parse_message
@@ -156,7 +156,7 @@ def eml(name: str, token: str = MAIL_A.token) -> bytes:
     return (CORPUS / "email" / name).read_bytes().replace(b"TOKEN@", token.encode() + b"@")
 
 
-CORPUS_EMAILS = sorted(p.name for p in (CORPUS / "email").glob("*.eml"))
+CORPUS_EMAILS = [p.name for p in corpus_files("email/*.eml")]
 SIMPLE = b"From: dev@example.net\nSubject: disk full\n\nvolume /data is full\n"
 
 
