@@ -93,11 +93,33 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48] or "integration"
 
 
+def _replace_config(path: Path, text: str) -> cfg.Config:
+    """Write config.toml anew: beside the original, checked as `tocsin check` would, then renamed
+    over it, so a reader never sees half a file and a bad result replaces nothing. The file keeps
+    its mode, owner and group (a root-run command must leave it readable by the service).
+    Raises ConfigError (an OSError becomes one line of it)."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        st = path.stat()
+        os.chmod(tmp, st.st_mode & 0o777)
+        if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+            os.chown(tmp, st.st_uid, st.st_gid)
+        new = load_config(tmp)
+        os.replace(tmp, path)
+        return new
+    except (cfg.ConfigError, OSError) as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise exc if isinstance(exc, cfg.ConfigError) else cfg.ConfigError([str(exc)]) from None
+
+
 def cmd_new_integration(args) -> int:
     """Append an integration to config.toml, comments and layout kept (tomlkit)."""
-    import os
     import secrets
-    import tempfile
 
     import tomlkit
 
@@ -128,19 +150,10 @@ def cmd_new_integration(args) -> int:
         doc.add("integrations", tomlkit.aot())
     doc["integrations"].append(table)
     text = tomlkit.dumps(doc)
-    # Written beside the original and renamed over it: a reader never sees half a file,
-    # and the result is validated before it replaces anything.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        new = load_config(tmp)
-        os.replace(tmp, path)
-    except (cfg.ConfigError, OSError) as exc:
-        Path(tmp).unlink(missing_ok=True)
-        problems = exc.problems if isinstance(exc, cfg.ConfigError) else [str(exc)]
-        return _fail("could not write the new integration:\n" + "\n".join(problems))
+        new = _replace_config(path, text)
+    except cfg.ConfigError as exc:
+        return _fail("could not write the new integration:\n" + "\n".join(exc.problems))
     kind = KINDS[args.kind]
     print(f"integration '{iid}' ({kind.title}) added to {path}")
     print(f"url:   {new.daemon.public_url}/integrations/v1/{args.kind}/{token}/")
@@ -281,8 +294,6 @@ def cmd_backup(args) -> int:
 
 def cmd_import_oncall(args) -> int:
     """Append Grafana OnCall's integrations, routes and chains to config.toml (comments kept)."""
-    import os
-    import tempfile
 
     from grouping.kinds import KINDS
 
@@ -315,18 +326,10 @@ def cmd_import_oncall(args) -> int:
         print("\n# dry run: these blocks would be appended to", path)
         print(plan.blocks, end="")
         return 0
-    # Written beside the original, checked as `tocsin check` would, then renamed over it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        load_config(tmp)
-        os.replace(tmp, path)
-    except (cfg.ConfigError, OSError) as exc:
-        Path(tmp).unlink(missing_ok=True)
-        problems = exc.problems if isinstance(exc, cfg.ConfigError) else [str(exc)]
-        return _fail(f"the imported config does not check, {path} untouched:\n" + "\n".join(problems))
+        _replace_config(path, text)
+    except cfg.ConfigError as exc:
+        return _fail(f"the imported config does not check, {path} untouched:\n" + "\n".join(exc.problems))
     print(f"{path}: appended {len(plan.imported)} integration(s); reload the daemon (SIGHUP) to serve them")
     return 0
 
@@ -390,4 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import-oncall" and args.url and not args.token:
         parser.error("import-oncall --url needs --token")
     args.command = {"ack": "acknowledge", "unack": "unacknowledge"}.get(args.command, args.command)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # `tocsin render … | head`: the reader left; say nothing more (no traceback).
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

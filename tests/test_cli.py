@@ -87,3 +87,22 @@ def test_render_matches_preview_api_shape(tmp_path):
     assert out["title"] == "Disk /var almost full on files01"
     assert out["source_link"] == "https://monitor.example.com/hosts/files01"
     assert out["image_url"] is None
+
+
+def test_config_rewrites_keep_owner_group_and_mode(tmp_path):
+    """new-integration (and import-oncall) replace config.toml whole: the service must still read it."""
+    import os
+    import stat
+
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file another owner")
+    cfg = write_config(tmp_path)
+    os.chown(cfg, 65534, 65534)
+    os.chmod(cfg, 0o640)
+    r = tocsin("new-integration", "-c", str(cfg), "--kind", "webhook", "--name", "Owned")
+    assert r.returncode == 0, r.stderr
+    st = cfg.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o640)
+    assert 'name = "Owned"' in cfg.read_text()
