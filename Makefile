@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test bench bench-all chromium clean
+.PHONY: run test bench bench-all test-packages clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,15 +25,19 @@ run: $(BIN)/.installed-run
 	mkdir -p var
 	$(BIN)/tocsin serve -c config.toml
 
-# The UI's browser tests drive Debian's chromium through Playwright (never `playwright install`);
-# without it they skip.
-chromium:
-	@test -x $(CHROMIUM) || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium; \
-	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q chromium; \
-	  else false; fi || echo "could not install $(CHROMIUM): the UI browser tests will skip"; }
+# Debian packages the tests drive as real peers: chromium (the UI's browser tests, through
+# Playwright; never `playwright install`) and dovecot-imapd (a real IMAP server for the mailbox
+# tests). Without them those tests skip with one line; .ci/run sets TOCSIN_CI=1, where they fail.
+TEST_PACKAGES := chromium:$(CHROMIUM) dovecot-imapd:/usr/sbin/dovecot
 
-test: $(BIN)/.installed-test chromium
+test-packages:
+	@missing=""; for p in $(TEST_PACKAGES); do test -x "$${p#*:}" || missing="$$missing $${p%%:*}"; done; \
+	if [ -n "$$missing" ]; then { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q $$missing; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q $$missing; \
+	  else false; fi || echo "could not install$$missing: their tests will skip"; }; fi
+
+test: $(BIN)/.installed-test test-packages
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(BIN)/.installed-run

@@ -17,11 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import API_TOKEN, Process, config_text
+from conftest import API_TOKEN, config_text, require
 
 DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
-pytestmark = pytest.mark.skipif(not os.path.exists(DOVECOT),
-                                reason="dovecot is not installed (make test installs dovecot-imapd)")
 USER, PASSWORD = "alerts", "imap-secret-1"
 TOKEN = "tok-imap-mailbox-1"
 
@@ -140,6 +138,7 @@ service stats {{
 
 @pytest.fixture
 def dovecot():
+    require(os.path.exists(DOVECOT), "dovecot is not installed: `make test` installs dovecot-imapd")
     # Dovecot's own processes (other users) must reach these files: pytest's temp dirs are 0700.
     root = Path(tempfile.mkdtemp(prefix="tocsin-dovecot-"))
     root.chmod(0o755)
