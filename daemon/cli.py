@@ -4,12 +4,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
+from store import DatabaseUnusable, examine
+
 from . import config as cfg
 from . import logs
-from .app import Daemon, build_integrations, load_config
+from .app import Daemon, StartupError, build_integrations, load_config
 
 
 def _fail(message: str) -> int:
@@ -22,12 +26,23 @@ def cmd_serve(args) -> int:
         config = load_config(args.config)
     except cfg.ConfigError as exc:
         return _fail("invalid configuration:\n" + "\n".join(exc.problems))
+    problems = cfg.serving_problems(config)
+    if problems:
+        return _fail("invalid configuration:\n" + "\n".join(problems))
     logs.setup(config.daemon.log_level, config.daemon.log_format)
     daemon = Daemon(config)
     try:
         asyncio.run(daemon.serve_forever())
+    except (StartupError, DatabaseUnusable) as exc:
+        return _fail(str(exc))
     except OSError as exc:
         return _fail(f"cannot start: {exc}")
+    if not daemon.store.closed_cleanly:
+        # The database could not be closed without a crash (see Store.close): leave it to
+        # SQLite's recovery at the next start rather than to the interpreter's teardown.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(1)
     return 0
 
 
@@ -38,7 +53,17 @@ def cmd_check(args) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    print(f"{config.path}: ok, {len(config.integrations)} integration(s)")
+    problems = cfg.serving_problems(config)
+    try:
+        version = examine(config.daemon.database)
+    except DatabaseUnusable as exc:
+        problems.append(str(exc))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
+    state = "not created yet" if version is None else f"schema version {version}"
+    print(f"{config.path}: ok, {len(config.integrations)} integration(s); database {config.daemon.database}: {state}")
     return 0
 
 
