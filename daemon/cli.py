@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from store import DatabaseUnusable, examine
+from store import DatabaseUnusable, StoreUnavailable, examine
 
 from . import config as cfg
 from . import logs
@@ -35,6 +35,8 @@ def cmd_serve(args) -> int:
         asyncio.run(daemon.serve_forever())
     except (StartupError, DatabaseUnusable) as exc:
         return _fail(str(exc))
+    except StoreUnavailable as exc:  # the first writes at start (notification recovery) failed
+        return _fail(f"cannot start: {exc}")
     except OSError as exc:
         return _fail(f"cannot start: {exc}")
     if not daemon.store.closed_cleanly:
@@ -346,4 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     args.command = {"ack": "acknowledge", "unack": "unacknowledge"}.get(args.command, args.command)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DatabaseUnusable as exc:  # any command that opens the database: one line, no traceback
+        return _fail(str(exc))

@@ -30,7 +30,8 @@ class ServeLock:
 
     def __init__(self, database: Path):
         self.database = Path(database)
-        self.path = lock_path(self.database)
+        # Beside the real file: two paths to one database (a symlink) meet at one lock.
+        self.path = lock_path(self.database.resolve())
         self._fd: int | None = None
 
     def acquire(self) -> None:
