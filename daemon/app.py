@@ -6,6 +6,7 @@ in-process (ports 0 bind ephemeral ports; read `http_port` / `smtp_port` after s
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -58,12 +59,15 @@ def _template_problem(source: str) -> str | None:
 
 
 async def _listen(what: str, host: str, port: int, starting) -> None:
-    """Await a listener's start; a port that cannot be bound becomes one line."""
+    """Await a listener's start; a port that cannot be bound (or a TLS file that cannot be
+    read) becomes one line."""
     try:
         await starting
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise StartupError(f"cannot listen for {what} on {host}:{port}: {reason.lower()}") from None
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES) and not exc.filename:
+            raise StartupError(f"cannot listen for {what} on {host}:{port}: {os.strerror(exc.errno).lower()}") from None
+        reason = (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
+        raise StartupError(f"cannot start the {what} listener on {host}:{port}: {reason}") from None
 
 
 def load_config(path) -> cfg.Config:

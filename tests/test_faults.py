@@ -81,20 +81,22 @@ def stored_ids(db: Path) -> set[str]:
 
 # -- read-only, vanished, unwritable -shm ---------------------------------------------------
 
-async def test_read_only_database_then_recovery(spawn, tmp_path):
-    db = tmp_path / "tocsin.db"
-    proc = spawn()
+@pytest.mark.parametrize("made_read_only", ["file", "directory"])
+async def test_read_only_database_then_recovery(spawn, tmp_path, made_read_only):
+    db = tmp_path / "data" / "tocsin.db"
+    proc = spawn(with_database(tmp_path, db))
+    target = db if made_read_only == "file" else db.parent
     client = Client(proc.base)
     try:
         assert (await client.post())[0] == 200
-        chattr("+i", db)
+        chattr("+i", target)
         try:
             status, body = await client.ready()
-            assert status == 503 and "not writable" in body["error"] and str(db) in body["error"]
+            assert status == 503 and "not writable" in body["error"] and str(target) in body["error"]
             status, body = await client.post()
             assert status == 503 and "not writable" in body["error"]
         finally:
-            chattr("-i", db)
+            chattr("-i", target)
         await until_ready(client)
         status, body = await client.post()
         assert status == 200
