@@ -786,7 +786,7 @@ class Store:
                 db.execute("ROLLBACK TO job")
                 self._load_maintenance()
                 log.warning("write refused, the rest of its batch kept: %s", exc)
-                results.append((job, None, InvalidWrite(f"the database cannot store this write: {exc}")))
+                results.append((job, None, InvalidWrite(str(exc))))
             db.execute("RELEASE job")
         return results
 
