@@ -6,6 +6,7 @@ in-process (ports 0 bind ephemeral ports; read `http_port` / `smtp_port` after s
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from handlers.http import GatedSite, Ingress
 from handlers.metrics import Metrics
 from handlers.pagerduty import PagerDutyEvents
 from escalation.engine import Engine
-from store import Store
+from store import ServeLock, Store, examine
 from ui import setup_ui
 
 from . import config as cfg
@@ -59,11 +60,27 @@ def _template_problem(source: str) -> str | None:
     return None
 
 
+async def _listen(what: str, host: str, port: int, starting) -> None:
+    """Await a listener's start; a port that cannot be bound (or a TLS file that cannot be
+    read) becomes one line."""
+    try:
+        await starting
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES) and not exc.filename:
+            raise StartupError(f"cannot listen for {what} on {host}:{port}: {os.strerror(exc.errno).lower()}") from None
+        reason = (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
+        raise StartupError(f"cannot start the {what} listener on {host}:{port}: {reason}") from None
+
+
 def load_config(path) -> cfg.Config:
     """Parse, validate and compile: what `tocsin check` and SIGHUP both run."""
     config = cfg.load(path, frozenset(KINDS), _template_problem)
     build_integrations(config)
     return config
+
+
+class StartupError(Exception):
+    """tocsin cannot start; the text is one line for the operator."""
 
 
 def _rate_spec(own: str | None, default: str | None):
@@ -77,6 +94,7 @@ class Daemon:
     def __init__(self, config: cfg.Config):
         self.config = config
         self.store = Store(config.daemon.database)
+        self.lock = ServeLock(config.daemon.database)
         self.metrics = Metrics(version=version())
         self.limiter = Limiter()
         self.engine = Engine(
@@ -146,28 +164,39 @@ class Daemon:
         return web.json_response(body)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        try:
-            await asyncio.wait_for(self.store.ping(), 5)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
-            return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+        problem = await self.store.readiness()
+        if problem is not None:
+            return web.json_response({"status": "unavailable", "error": problem}, status=503)
         return web.json_response({"status": "ok"})
 
     async def start(self) -> None:
+        """Take the database, bind the listeners, start the background work. On any failure
+        whatever was started is stopped again before the error propagates: a half-started
+        daemon would keep the process alive (the reader's thread, the listeners)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        c = self.config
+        examine(c.daemon.database)  # before the lock creates anything beside it
+        self.lock.acquire()
         await self.store.open()
         self.pipeline = self._make_pipeline(self.config)
-        c = self.config
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
                                      shutdown_timeout=c.daemon.shutdown_timeout)
         await self._runner.setup()
         site = GatedSite(self._runner, c.http.host, c.http.port, max_connections=c.http.max_connections)
-        await site.start()
+        await _listen("HTTP", c.http.host, c.http.port, site.start())
         self.http_port = self._runner.addresses[0][1]
         self._http_listen = (c.http.host, c.http.port)
         if c.smtp is not None:
             from handlers.smtp import SmtpIngress
 
             self._smtp = SmtpIngress(c.smtp, self.current, metrics=self.metrics)
-            await self._smtp.start()
+            await _listen("SMTP", c.smtp.host, c.smtp.port, self._smtp.start())
             self.smtp_port = self._smtp.port
         self._sync_mailboxes(c)
         self._tasks.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
@@ -195,6 +224,7 @@ class Daemon:
     async def _housekeeping(self) -> None:
         """Background upkeep: silences that end, and retention of resolved groups."""
         next_prune = 0.0
+        failed: str | None = None
         while True:
             await asyncio.sleep(1)
             try:
@@ -209,14 +239,20 @@ class Daemon:
                     if pruned:
                         log.info("retention pruned resolved groups", extra={"groups": pruned})
                     next_prune = now if pruned == 500 else now + 60
+                failed = None
             except Exception as exc:  # noqa: BLE001 - retried next second
-                log.warning("housekeeping failed", extra={"error": str(exc)})
+                if str(exc) != failed:  # once per cause, not every second of an outage
+                    log.warning("housekeeping failed", extra={"error": str(exc)})
+                failed = str(exc)
 
     def reload(self, path) -> bool:
         """Swap in a new config atomically; a bad file leaves the running one in place."""
         self.notify("RELOADING=1")
         try:
             new = load_config(path)
+            problems = cfg.serving_problems(new, running=self.config)
+            if problems:
+                raise cfg.ConfigError(problems)
             pipeline = self._make_pipeline(new)
         except cfg.ConfigError as exc:
             log.error("reload refused, keeping the running config", extra={"problems": exc.problems})
@@ -244,6 +280,7 @@ class Daemon:
             await self._runner.cleanup()
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.lock.release()
         self._stopped.set()
 
     def notify(self, state: str) -> None:

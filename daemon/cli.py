@@ -4,12 +4,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
+from store import DatabaseUnusable, StoreUnavailable, examine
+
 from . import config as cfg
 from . import logs
-from .app import Daemon, _template_problem, build_integrations, load_config
+from .app import Daemon, StartupError, _template_problem, build_integrations, load_config
 from .version import version
 
 
@@ -23,12 +27,25 @@ def cmd_serve(args) -> int:
         config = load_config(args.config)
     except cfg.ConfigError as exc:
         return _fail("invalid configuration:\n" + "\n".join(exc.problems))
+    problems = cfg.serving_problems(config)
+    if problems:
+        return _fail("invalid configuration:\n" + "\n".join(problems))
     logs.setup(config.daemon.log_level, config.daemon.log_format)
     daemon = Daemon(config)
     try:
         asyncio.run(daemon.serve_forever())
+    except (StartupError, DatabaseUnusable) as exc:
+        return _fail(str(exc))
+    except StoreUnavailable as exc:  # the first writes at start (notification recovery) failed
+        return _fail(f"cannot start: {exc}")
     except OSError as exc:
         return _fail(f"cannot start: {exc}")
+    if not daemon.store.closed_cleanly:
+        # The database could not be closed without a crash (see Store.close): leave it to
+        # SQLite's recovery at the next start rather than to the interpreter's teardown.
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(1)
     return 0
 
 
@@ -39,7 +56,17 @@ def cmd_check(args) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    print(f"{config.path}: ok, {len(config.integrations)} integration(s)")
+    problems = cfg.serving_problems(config)
+    try:
+        version = examine(config.daemon.database)
+    except DatabaseUnusable as exc:
+        problems.append(str(exc))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        return 1
+    state = "not created yet" if version is None else f"schema version {version}"
+    print(f"{config.path}: ok, {len(config.integrations)} integration(s); database {config.daemon.database}: {state}")
     return 0
 
 
@@ -395,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command = {"ack": "acknowledge", "unack": "unacknowledge"}.get(args.command, args.command)
     try:
         return args.func(args)
+    except DatabaseUnusable as exc:  # any command that opens the database: one line, no traceback
+        return _fail(str(exc))
     except BrokenPipeError:
         # `tocsin render … | head`: the reader left; say nothing more (no traceback).
         import os

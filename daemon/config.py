@@ -483,3 +483,19 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
         escalations=tuple(chains),
         notifiers=tuple(notifiers),
     )
+
+
+def serving_problems(config: Config, running: Config | None = None) -> list[str]:
+    """What makes a valid file unfit to serve from: the rule `tocsin check`, `tocsin serve`
+    and a reload (SIGHUP) share. An empty or truncated file parses; refuse it anyway when
+    it would leave the daemon accepting nothing, or, on reload, lock everyone out of the
+    API and web UI that the running config let in. (`new-integration` does not ask: it
+    must work on a file with no integrations yet.)"""
+    problems = []
+    if not config.integrations:
+        problems.append(f"{config.path}: no [[integrations]]: tocsin would accept no alert"
+                        " (an empty or truncated file? add one with `tocsin new-integration`)")
+    if running is not None and running.api_tokens and not config.api_tokens:
+        problems.append(f"{config.path}: [api] tokens: none left, the running config has {len(running.api_tokens)};"
+                        " the API and web UI would refuse everyone (a truncated file?)")
+    return problems

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 
 from grouping.pipeline import Pipeline, RateLimited, Unavailable
+from store import InvalidWrite
 
 log = logging.getLogger("tocsin.http")
 
@@ -188,6 +189,9 @@ class Ingress:
             self._rejected(integration.id, "unavailable")
             return error(503, f"storage unavailable, retry later: {exc}",
                          headers={"Retry-After": str(exc.retry_after)})
+        except InvalidWrite as exc:  # this alert only, and for good: not worth a retry
+            self._rejected(integration.id, "invalid")
+            return error(400, f"cannot store this alert: {exc}")
         if self.hooks is not None:
             self.hooks.accepted(integration, len(accepted), "http")
         if not accepted:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from aiosmtpd.smtp import SMTP, syntax
 
 from grouping.pipeline import RateLimited, Unavailable
+from store import InvalidWrite
 
 from .mail import is_cheap, parse_message
 
@@ -261,6 +262,8 @@ class MailHandler:
             accepted = await ingress.commit(pipeline, [(i, payload) for i in targets.values()], raw)
         except Unavailable:
             reason, reply = "unavailable", "451 4.3.0 Storage unavailable, try again later"
+        except InvalidWrite:  # this message only, and for good: a retry would fail the same way
+            reason, reply = "invalid", "554 5.6.0 Message content cannot be stored"
         except RateLimited:
             reason, reply = "rate_limited", "451 4.7.0 Rate limit exceeded, try again later"
         except TimeoutError:
