@@ -184,6 +184,8 @@ def cmd_new_integration(args) -> int:
     kind = KINDS[args.kind]
     print(f"integration '{iid}' ({kind.title}) added to {path}")
     print(f"url:   {new.daemon.public_url}/integrations/v1/{args.kind}/{token}/")
+    if args.kind == "pagerduty":
+        print(f"events API v2: {new.daemon.public_url}/v2/enqueue with routing_key {token}")
     if new.smtp is not None:
         print(f"email: {token}@{new.smtp.domain}")
     print("reload the daemon (systemctl reload tocsin, or SIGHUP) to start receiving")

@@ -106,3 +106,11 @@ def test_config_rewrites_keep_owner_group_and_mode(tmp_path):
     st = cfg.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o640)
     assert 'name = "Owned"' in cfg.read_text()
+
+
+def test_new_pagerduty_integration_prints_the_events_url(tmp_path):
+    cfg = write_config(tmp_path)
+    r = tocsin("new-integration", "-c", str(cfg), "--kind", "pagerduty", "--name", "Datadog")
+    assert r.returncode == 0, r.stderr
+    token = r.stdout.split("/integrations/v1/pagerduty/", 1)[1].split("/", 1)[0]
+    assert f"events API v2: http://127.0.0.1:8080/v2/enqueue with routing_key {token}" in r.stdout
