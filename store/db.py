@@ -93,6 +93,7 @@ class Group:
     last_alert_id: str | None = None
     last_alert_at: float | None = None
     root_group_id: str | None = None  # the maintenance group this one is attached to
+    grouping_id: str | None = None    # what the grouping template rendered (its md5 is the key)
 
 
 GROUP_COLUMNS = tuple(f.name for f in fields(Group))
@@ -121,6 +122,8 @@ class NewAlert:
     raw: bytes | None = None
     received_at: float = field(default_factory=time.time)
     escalation: str | None = None  # the route's chain snapshot (JSON), started if a group is created
+    grouping_id: str | None = None  # kept on a group it creates, for the UI
+    labels: tuple[tuple[str, str], ...] = ()  # (key, value) pairs the group gets, for the label filter
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class _Batch:
         self.timeline: list[tuple] = []
         self.notifications: list[tuple] = []
         self.resume: set[str] = set()         # groups whose paused escalation a new alert resumes
+        self.labels: set[tuple[str, str, int]] = set()  # (key, value, group seq) for group_labels
 
     def remember(self, g: Group) -> Group:
         known = self.by_id.get(g.id)
@@ -616,7 +620,7 @@ class Store:
         if created:
             g = batch.new_group(
                 integration_id=a.integration_id, grouping_key=a.grouping_key, state="new", open=1,
-                route_id=a.route_id, title=a.title, alerts_count=0, created_at=now,
+                route_id=a.route_id, title=a.title, alerts_count=0, created_at=now, grouping_id=a.grouping_id,
             )
             batch.open[key] = g
         elif g.id not in batch.new_ids:
@@ -646,6 +650,7 @@ class Store:
                 batch.escalations.append((g.id, a.escalation, "running" if running else "stopped",
                                           now if running else None))
         batch.touch(g)
+        batch.labels.update((k, v, g.seq) for k, v in a.labels)
         batch.alert_rows.append(
             (alert_seq, alert_id, g.id, a.integration_id, now, a.source, int(a.resolve), a.payload_json, a.raw)
         )
@@ -796,6 +801,7 @@ class Store:
             ) if r[0] not in batch.by_id]  # groups this batch touches stay
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
+                _forget_search(db, chunk)
                 for table, column in (("alerts", "alert_group_id"), ("timeline", "group_id"),
                                       ("notifications", "group_id"), ("escalations", "group_id"),
                                       ("alert_groups", "id")):
@@ -807,6 +813,7 @@ class Store:
                 " ON CONFLICT (integration_id) DO UPDATE SET last_seen = excluded.last_seen, state = 'alive'",
                 list(batch.heartbeats.items()),
             )
+        _write_search(db, batch)
         if batch.alert_rows:
             db.executemany(
                 "INSERT INTO alerts (seq, id, alert_group_id, integration_id, created_at, source,"
@@ -837,14 +844,30 @@ class Store:
         until: float | None = None,
         limit: int = 50,
         offset: int = 0,
+        text: str | None = None,
+        labels: tuple[tuple[str, str], ...] = (),
     ) -> tuple[int, list[Group]]:
-        """Groups newest first, with the total count for pagination."""
+        """Groups newest first, with the total count for pagination; `text` is searched in
+        titles (3 characters at least), every (key, value) of `labels` must be the group's."""
         clause, params = _where((("state = ?", state), ("integration_id = ?", integration_id), ("id = ?", group_id),
-                                 ("route_id = ?", route_id), ("created_at >= ?", since), ("created_at <= ?", until)))
+                                 ("route_id = ?", route_id), ("created_at >= ?", since), ("created_at <= ?", until),
+                                 *_search_conditions(text, labels)))
         (count,) = (await self._fetch(f"SELECT count(*) FROM alert_groups{clause}", params))[0]
         rows = await self._fetch(f"{_GROUP_SELECT}{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
                                  [*params, limit, offset])
         return count, [_group(r) for r in rows]
+
+    async def labels_of(self, seqs: list[int]) -> dict[int, list[tuple[str, str]]]:
+        """The labels of these groups (by row seq), sorted by key and value."""
+        out: dict[int, list[tuple[str, str]]] = {}
+        for chunk in _chunks(sorted(set(seqs))):
+            marks = ",".join("?" * len(chunk))
+            for key, value, seq in await self._fetch(
+                f"SELECT key, value, group_seq FROM group_labels WHERE group_seq IN ({marks}) ORDER BY key, value",
+                chunk,
+            ):
+                out.setdefault(seq, []).append((key, value))
+        return out
 
     async def alerts_by_id(self, ids: list[str]) -> dict[str, dict]:
         """Alerts (without raw mail) keyed by id."""
@@ -930,7 +953,38 @@ def _where(conditions) -> tuple[str, list]:
     """A WHERE clause of the conditions whose value is not None, and its parameters."""
     used = [(sql, value) for sql, value in conditions if value is not None]
     clause = (" WHERE " + " AND ".join(sql for sql, _ in used)) if used else ""
-    return clause, [value for _, value in used]
+    # A tuple is the parameters of a condition with several placeholders.
+    return clause, [p for _, value in used for p in (value if isinstance(value, tuple) else (value,))]
+
+
+def _search_conditions(text: str | None, labels: tuple[tuple[str, str], ...]) -> list[tuple[str, Any]]:
+    """_where() conditions for a title search and label filters (see list_groups)."""
+    out: list[tuple[str, Any]] = []
+    if text:
+        # A phrase query: the trigram tokenizer matches it anywhere in the title, any case.
+        out.append(("seq IN (SELECT rowid FROM group_titles WHERE group_titles MATCH ?)",
+                    '"' + text.replace('"', '""') + '"'))
+    for key, value in labels:
+        out.append(("seq IN (SELECT group_seq FROM group_labels WHERE key = ? AND value = ?)", (key, value)))
+    return out
+
+
+def _write_search(db: sqlite3.Connection, batch: _Batch) -> None:
+    """Index new groups' titles and every label the batch's alerts brought, in the batch's transaction."""
+    titled = [(g.seq, g.title) for g in batch.new_groups if g.title]
+    if titled:
+        db.executemany("INSERT INTO group_titles (rowid, title) VALUES (?, ?)", titled)
+    if batch.labels:
+        db.executemany("INSERT OR IGNORE INTO group_labels (key, value, group_seq) VALUES (?, ?, ?)",
+                       sorted(batch.labels))
+
+
+def _forget_search(db: sqlite3.Connection, group_ids: list[str]) -> None:
+    """Drop pruned groups from the title index and the label table (before their rows go)."""
+    marks = ",".join("?" * len(group_ids))
+    seqs = f"SELECT seq FROM alert_groups WHERE id IN ({marks})"
+    db.execute(f"DELETE FROM group_titles WHERE rowid IN ({seqs})", group_ids)
+    db.execute(f"DELETE FROM group_labels WHERE group_seq IN ({seqs})", group_ids)
 
 
 def _chunks(items: list[str]):

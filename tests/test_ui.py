@@ -502,8 +502,9 @@ async def test_group_page_shows_timeline_escalation_and_notifications(start_tocs
         assert "<strong>page-ops</strong>" in escalation and "3 steps" in escalation and "next: step 3" in escalation
         due = (await store.escalation_of(gid))["due_at"]
         assert datetime.fromtimestamp(due, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") in escalation
-        notifications = re.search(r'<table class="notifications" id="notifications">(.*?)</table>', page, re.S).group(1)
-        assert "ops-hook" in notifications and "nstate-sent" in notifications and "<td>2</td>" in notifications
+        notifications = re.search(r'<table class="notifications cards" id="notifications">(.*?)</table>', page, re.S).group(1)
+        assert "ops-hook" in notifications and "nstate-sent" in notifications
+        assert '<td data-label="Attempts">2</td>' in notifications
 
         # Acknowledge here: the change, who made it, the stopped escalation, the "acknowledged" notification.
         status, _, _ = await b.post(f"/ui/groups/{gid}/acknowledge", data={"_csrf": b.csrf})
