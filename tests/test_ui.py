@@ -794,3 +794,361 @@ async def test_browser_group_page_timeline(start_tocsin, chromium, hook):
     await page.click('button[data-action="acknowledge"]')
     await expect(page.locator("#escalation")).to_have_attribute("data-state", "stopped")
     await expect(page.locator('#timeline li[data-event="acknowledged"]')).to_contain_text("by user")
+
+
+# -- issue 14: labels, search, bulk, explanations, Markdown, demo, path prefix, throttle ----
+
+ONCALL = """
+[[integrations]]
+id = "ops"
+name = "Ops webhook"
+kind = "webhook"
+token = "tok-ops-ui-00001"
+[integrations.templates]
+grouping_id = "{{ payload.labels.alertname }}/{{ payload.labels.instance }}"
+title = "{{ payload.title }}"
+message = "{{ payload.body }}"
+[[integrations.routes]]
+id = "critical"
+condition = "{{ payload.labels.severity == 'critical' }}"
+escalation = "page-ops"
+[[integrations.routes]]
+id = "db"
+regex = "postgres"
+escalation = "page-ops"
+
+[[notifiers]]
+name = "ops-hook"
+kind = "webhook"
+url = "http://127.0.0.1:9/never"
+timeout = 1
+
+[[escalations]]
+name = "page-ops"
+steps = [ { wait = "1h" }, { notify = ["ops-hook"] }, { resolve = true } ]
+"""
+MARKDOWN = ("**Disk** is _full_ on `db-1`\n\n- [runbook](https://runbooks.example/disk)\n- [bad](javascript:alert(1))\n\n"
+            "![graph](https://pixels.example/track.gif)\n\n<script>window.__xss = 1</script>"
+            "<img src=x onerror=\"window.__xss = 2\">")
+
+
+async def ops_alert(h, title: str, **labels) -> str:
+    labels = {"alertname": "DiskFull", "instance": title, "severity": "warning", **labels}
+    status, body = await h.post("ops", {"title": title, "body": MARKDOWN, "labels": labels},
+                                kind="webhook", token="tok-ops-ui-00001")
+    assert status == 200, body
+    return body["alert_group_id"]
+
+
+@pytest.fixture
+async def ops(start_tocsin):
+    return await start_tocsin(extra_integrations=ONCALL)
+
+
+@pytest.fixture
+async def ops_client(ops):
+    b = Browser(ops)
+    await b.login()
+    yield b
+    await b.close()
+
+
+def ids_on(page: str) -> list[str]:
+    return re.findall(r'<tr data-group="([^"]+)"', page)
+
+
+async def test_search_and_label_filter_are_deep_links(ops, ops_client):
+    a = await ops_alert(ops, "disk full on db-1", team="storage")
+    b = await ops_alert(ops, "disk full on web-2", team="web")
+    c = await ops_alert(ops, "CPU hot on db-1", alertname="CpuHot", team="storage")
+    await new_group(ops)  # a webhook without labels
+    client = ops_client
+    status, page, _ = await client.get("/ui/groups?q=DISK+full")
+    assert status == 200 and sorted(ids_on(page)) == sorted([a, b])  # any case, anywhere in the title
+    status, page, _ = await client.get("/ui/groups?label=team%3Dstorage")
+    assert sorted(ids_on(page)) == sorted([a, c]) and "2 groups" in page
+    # Filters combine, and the page's links (chips, pager, refresh) keep every one of them.
+    status, page, _ = await client.get("/ui/groups?q=db-1&label=team%3Dstorage&label=alertname%3DCpuHot")
+    assert ids_on(page) == [c]
+    refresh = html.unescape(re.search(r'data-refresh="([^"]*)"', page).group(1))
+    assert "q=db-1" in refresh and "label=team%3Dstorage" in refresh and "label=alertname%3DCpuHot" in refresh
+    status, body, _ = await client.get(refresh)
+    data = json.loads(body)
+    assert [g["id"] for g in data["results"]] == [c]
+    assert {"key": {"id": "team", "name": "team"}, "value": {"id": "storage", "name": "storage"}} in data["results"][0]["labels"]
+    # A chip removes its own filter only.
+    chip = re.search(r'<a class="chip on" href="([^"]*)" title="Remove this filter" data-filter="label">alertname=CpuHot',
+                     page).group(1)
+    status, page, _ = await client.get(html.unescape(chip))
+    assert sorted(ids_on(page)) == sorted([a, c])  # q=db-1 and team=storage are still on
+    status, page, _ = await client.get("/ui/groups?label=team%3Dstorage")
+    # A group's labels are links that add a filter.
+    assert 'data-label="team=storage"' in page and 'data-label="severity=warning"' in page
+    # Bad input is named, never a crash; a search too short for the index says so.
+    status, page, _ = await client.get("/ui/groups?label=nokey&q=ab")
+    assert status == 200 and "is not a label filter" in page and "3 characters or more" in page
+    status, page, _ = await client.get('/ui/groups?q=%22%29+OR+1%3D1+--')
+    assert status == 200 and "0 groups" in page
+
+
+async def test_bulk_acknowledge_uses_the_single_action(ops, ops_client):
+    ids = [await ops_alert(ops, f"host {n}") for n in range(3)]
+    done = ids[2]
+    await ops_client.post(f"/ui/groups/{done}/resolve", data={"_csrf": ops_client.csrf})
+    status, page, _ = await ops_client.post("/ui/groups/bulk", data={"action": "acknowledge", "group": ids[0]})
+    assert status == 403  # CSRF, as every form
+    status, _, headers = await ops_client.post("/ui/groups/bulk", data=[
+        ("_csrf", ops_client.csrf), ("action", "acknowledge"), ("next", "/ui/groups?label=severity%3Dwarning"),
+        *[("group", i) for i in ids]])
+    assert status == 303 and headers["Location"] == "/ui/groups?label=severity%3Dwarning"
+    status, page, _ = await ops_client.get(headers["Location"])
+    assert "2 alert groups acknowledged. 1 refused:" in page and "Can&#39;t acknowledge a resolved alert group" in page
+    states = {g["id"]: g["state"] for g in await ops.groups()}
+    assert states == {ids[0]: "acknowledged", ids[1]: "acknowledged", done: "resolved"}
+    status, api = await ops.api("GET", f"alert_groups/{ids[0]}/timeline/")
+    assert any(e["event"] == "acknowledged" and e["detail"] == {"by": "user"} for e in api["results"])
+    # Silence needs a duration; nothing selected, or an unknown action, is refused plainly.
+    for form, text in (([("action", "silence"), ("group", ids[0])], "Choose how long to silence for."),
+                       ([("action", "acknowledge")], "Select one or more alert groups first."),
+                       ([("action", "delete"), ("group", ids[0])], "Choose acknowledge, resolve or silence.")):
+        status, _, headers = await ops_client.post("/ui/groups/bulk", data=[("_csrf", ops_client.csrf), *form])
+        status, page, _ = await ops_client.get(headers["Location"])
+        assert text in page
+    status, _, _ = await ops_client.post("/ui/groups/bulk", data=[
+        ("_csrf", ops_client.csrf), ("action", "resolve"), *[("group", i) for i in ids[:2]]])
+    assert {g["state"] for g in await ops.groups()} == {"resolved"}
+
+
+async def test_group_page_explains_grouping_route_and_chain(ops, ops_client):
+    gid = await ops_alert(ops, "db-1", severity="critical")
+    again = await ops_alert(ops, "db-1", severity="critical")
+    assert again == gid
+    status, page, _ = await ops_client.get(f"/ui/groups/{gid}")
+    assert status == 200
+    grouping = re.search(r'<dl class="facts" id="grouping">(.*?)</dl>', page, re.S).group(1)
+    assert '<pre class="gid-text" id="grouping-id">DiskFull/db-1</pre>' in grouping
+    [g] = await ops.groups()
+    assert f'<code id="grouping-key">{g["grouping_key"]}</code>' in grouping
+    assert "<strong>critical</strong> (route 1 of 3)" in grouping
+    assert "matched its condition <code class=\"rule\" id=\"route-rule\">{{ payload.labels.severity == &#39;critical&#39; }}</code>" in grouping
+    assert "team" not in grouping and "severity=critical" in grouping
+    chain = re.search(r'<ol class="chain" id="chain">(.*?)</ol>', page, re.S).group(1)
+    assert re.findall(r'data-step-status="([a-z ]+)"', chain) == ["next", "to come", "to come"]
+    assert "wait 1 h" in chain and "notify ops-hook" in chain and "resolve the group" in chain
+    # The regex route, and the default route, say so too.
+    status, body = await ops.post("ops", {"title": "pg", "body": "", "labels": {"alertname": "x", "instance": "postgres-1"}},
+                                  kind="webhook", token="tok-ops-ui-00001")
+    status, page, _ = await ops_client.get(f"/ui/groups/{body['alert_group_id']}")
+    assert "<strong>db</strong> (route 2 of 3)" in page and "matched its regex" in page and "after the 1 route above did not" in page
+    gid = await ops_alert(ops, "web-1")
+    status, page, _ = await ops_client.get(f"/ui/groups/{gid}")
+    assert "<strong>ops-default</strong> (route 3 of 3)" in page and "the default route: no route above it matched" in page
+
+
+async def test_messages_are_markdown_sanitized_and_images_wait_for_a_click(ops, ops_client):
+    gid = await ops_alert(ops, "db-1")
+    status, page, _ = await ops_client.get(f"/ui/groups/{gid}")
+    message = re.search(r'<div class="message md">(.*?)</div>', page, re.S).group(1)
+    assert "<strong>Disk</strong> is <em>full</em> on <code>db-1</code>" in message
+    assert '<a href="https://runbooks.example/disk" rel="noopener noreferrer nofollow">runbook</a>' in message
+    assert 'href="javascript:' not in message and "<script" not in message and "__xss" not in message
+    assert "[bad](javascript:alert(1))" in message  # an unsafe link stays text
+    assert "<img" not in message and "onerror" not in message
+    # The image is a link that shows it on a click; nothing loads it by itself.
+    assert 'class="md-image" data-image="https://pixels.example/track.gif"' in message
+    assert 'src="https://pixels.example' not in page
+
+
+async def test_integration_page_lists_routes_and_sends_a_demo_alert(ops, ops_client):
+    status, page, _ = await ops_client.get("/ui/integrations/ops")
+    assert status == 200
+    routes = re.search(r'<ol class="routes" id="routes">(.*?)</ol>', page, re.S).group(1)
+    assert re.findall(r'data-route="([^"]+)"', routes) == ["critical", "db", "ops-default"]
+    assert "regex <code class=\"rule\">postgres</code>" in routes and "default: everything" in routes
+    assert 'data-chain="page-ops"' in page and "notify ops-hook" in page
+    assert "http://127.0.0.1:8080/integrations/v1/webhook/tok-ops-ui-00001/" in page
+    status, _, _ = await ops_client.post("/ui/integrations/ops/demo", data={})
+    assert status == 403 and await ops.groups() == []
+    status, _, headers = await ops_client.post("/ui/integrations/wh/demo", data={"_csrf": ops_client.csrf})
+    assert status == 303 and headers["Location"].startswith("/ui/groups/I")
+    [g] = await ops.groups()
+    assert headers["Location"] == f"/ui/groups/{g['id']}"
+    status, page, _ = await ops_client.get(headers["Location"])
+    assert "Demo alert sent to Test webhook" in page
+    status, alerts = await ops.api("GET", f"alerts/?alert_group_id={g['id']}")
+    assert alerts["results"][0]["payload"] == tocsin_example("wh", ops)
+    # Demo alerts never group, as `tocsin demo`'s: a second one makes a second group.
+    await ops_client.post("/ui/integrations/wh/demo", data={"_csrf": ops_client.csrf})
+    assert len(await ops.groups()) == 2
+    assert (await ops_client.post("/ui/integrations/nope/demo", data={"_csrf": ops_client.csrf}))[0] == 404
+
+
+def tocsin_example(iid: str, h) -> dict:
+    return h.daemon.current().by_id(iid).kind.example_payload_copy()
+
+
+async def test_labels_and_titles_of_existing_groups_are_indexed_by_the_migration(tmp_path):
+    import sqlite3
+
+    from store import Store
+    from store.schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:3]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version = 3")
+    body = {"commonLabels": {"alertname": "Down", "job": "api"}, "labels": {"n": 1, "ok": True, "nested": {}}}
+    rows = [("I1", "old alert about postgres", json.dumps(body)), ("I2", None, "not json {")]
+    for n, (gid, title, payload) in enumerate(rows, start=1):
+        db.execute("INSERT INTO alert_groups (seq, id, integration_id, grouping_key, state, title, alerts_count,"
+                   " created_at, last_alert_id) VALUES (?, ?, 'wh', ?, 'new', ?, 1, 0, ?)", (n, gid, f"k{n}", title, f"A{n}"))
+        db.execute("INSERT INTO alerts (id, alert_group_id, integration_id, created_at, source, payload)"
+                   " VALUES (?, ?, 'wh', 0, 'http', ?)", (f"A{n}", gid, payload))
+    db.commit()
+    db.close()
+    store = Store(path)
+    await store.open()
+    try:
+        count, groups = await store.list_groups(text="POSTGRES")
+        assert [g.id for g in groups] == ["I1"] and groups[0].grouping_id is None
+        count, groups = await store.list_groups(labels=(("job", "api"), ("n", "1")))
+        assert count == 1 and groups[0].id == "I1"
+        assert await store.labels_of([1, 2]) == {1: [("alertname", "Down"), ("job", "api"), ("n", "1")]}
+    finally:
+        await store.close()
+
+
+async def test_pruned_groups_leave_no_labels_or_titles(ops):
+    gid = await ops_alert(ops, "gone soon", team="tmp")
+    store = ops.daemon.current().store
+    await store.act(gid, "resolve")
+    assert await store.prune(time.time() + 1) == 1
+    assert (await store.list_groups(labels=(("team", "tmp"),)))[0] == 0
+    assert (await store._fetch("SELECT count(*) FROM group_labels"))[0][0] == 0
+    assert (await store._fetch("SELECT count(*) FROM group_titles"))[0][0] == 0
+
+
+class PrefixProxy:
+    """A reverse proxy on 127.0.0.1 that serves tocsin under /tocsin (stripping it), like nginx's
+    `location /tocsin/ { proxy_pass http://tocsin/; }`."""
+
+    def __init__(self, upstream: str, prefix: str = "/tocsin"):
+        self.upstream, self.prefix = upstream, prefix
+        self.runner = None
+        self.base = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not request.path.startswith(self.prefix + "/"):
+            return web.Response(status=404, text="outside the prefix")
+        url = self.upstream + request.raw_path[len(self.prefix):]
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as s:
+            async with s.request(request.method, url, headers=headers, data=await request.read(),
+                                 allow_redirects=False) as r:
+                out = web.Response(status=r.status, body=await r.read())
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "date", "server"):
+                        out.headers.add(k, v)
+                return out
+
+    async def start(self):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.base = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self):
+        await self.runner.cleanup()
+
+
+async def test_the_ui_works_under_a_path_prefix(start_tocsin, tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(config_text(tmp_path, extra_integrations=ONCALL).replace(
+        '"http://127.0.0.1:8080"', '"http://127.0.0.1:8080/tocsin/"'))
+    h = await start_tocsin(path)
+    gid = await ops_alert(h, "db-1")
+    proxy = PrefixProxy(h.base)
+    await proxy.start()
+    b = Browser(h)
+    b.base = proxy.base
+    try:
+        status, _, headers = await b.get("/tocsin/ui/groups?q=db-1")
+        assert status == 303 and headers["Location"] == "/tocsin/ui/login?next=%2Fui%2Fgroups%3Fq%3Ddb-1"
+        status, page, headers = await b.get("/tocsin/ui/login")
+        assert "Path=/tocsin/ui" in headers["Set-Cookie"]
+        nonce = re.search(r'name="_login" value="([^"]+)"', page).group(1)
+        status, _, headers = await b.post("/tocsin/ui/login", data={"_login": nonce, "token": API_TOKEN,
+                                                                    "next": "/ui/groups?q=db-1"})
+        assert status == 303 and headers["Location"] == "/tocsin/ui/groups?q=db-1"
+        cookie = next(c for c in headers.getall("Set-Cookie") if c.startswith("tocsin_session="))
+        assert "Path=/tocsin/ui" in cookie
+        pages = ["/tocsin/ui/groups?q=db-1&label=severity%3Dwarning", f"/tocsin/ui/groups/{gid}", "/tocsin/ui/integrations",
+                 "/tocsin/ui/integrations/ops", "/tocsin/ui/integrations/ops/templates"]
+        for p in pages:
+            status, page, _ = await b.get(p)
+            assert status == 200, (p, page[:300])
+            # Every link, form action, script, stylesheet and refresh URL of ours carries the prefix.
+            urls = re.findall(r'(?:href|src|action|data-refresh|data-preview-url|data-payload-url)="(/[^"]*)"', page)
+            assert urls and all(u.startswith("/tocsin/ui/") for u in urls), (p, [u for u in urls if not u.startswith("/tocsin/")])
+            for u in {html.unescape(u) for u in urls if "/static/" in u or "/api/groups" in u or "/payload" in u}:
+                assert (await b.get(u))[0] == 200, u
+        b.csrf = re.search(r'name="csrf-token" content="([^"]*)"', page).group(1)
+        status, _, headers = await b.post(f"/tocsin/ui/groups/{gid}/acknowledge",
+                                          data={"_csrf": b.csrf, "next": "/ui/groups?q=db-1"})
+        assert status == 303 and headers["Location"] == "/tocsin/ui/groups?q=db-1"
+        status, _, headers = await b.post("/tocsin/ui/integrations/ops/demo", data={"_csrf": b.csrf})
+        assert status == 303 and headers["Location"].startswith("/tocsin/ui/groups/I")
+        assert {g["state"] for g in await h.groups()} == {"acknowledged", "new"}
+        status, _, headers = await b.post("/tocsin/ui/logout", data={"_csrf": b.csrf})
+        assert status == 303 and headers["Location"] == "/tocsin/ui/login"
+    finally:
+        await b.close()
+        await proxy.stop()
+
+
+def test_login_throttle_is_per_source_and_bounded():
+    from ui.auth import LoginThrottle, source_address
+
+    t = LoginThrottle(step=0.25, max_wait=1.0, max_sources=3)
+    assert t.failed("a", now=100) == 0.25
+    assert t.failed("a", now=100) == 0.5  # the same address queues behind itself…
+    assert t.failed("b", now=100) == 0.25  # …another does not
+    assert t.failed("a", now=100) == 0.75 and t.failed("a", now=100) == 1.0
+    assert t.failed("a", now=100) is None  # past max_wait: refused at once, not queued
+    assert t.failed("a", now=102) == 0.25  # once the queue has drained
+    for n in range(10):
+        t.failed(f"x{n}", now=103)
+    assert len(t) == 3  # bounded: the quietest addresses are forgotten first
+    assert source_address("203.0.113.5", "198.51.100.1") == "203.0.113.5"  # a remote peer cannot pick its name
+    assert source_address("127.0.0.1", "198.51.100.1, 192.0.2.7") == "192.0.2.7"  # a local proxy's last hop
+    assert source_address("127.0.0.1", None) == "127.0.0.1"
+
+
+async def test_one_address_guessing_does_not_slow_another(tocsin):
+    guesser, user = Browser(tocsin), Browser(tocsin)
+    try:
+        async def attempt(b: Browser, token: str, source: str):
+            status, page, _ = await b.get("/ui/login")
+            nonce = re.search(r'name="_login" value="([^"]+)"', page).group(1)
+            return (await b.post("/ui/login", data={"_login": nonce, "token": token},
+                                 headers={"X-Forwarded-For": source}))[0]
+
+        # Eight wrong guesses from one address queue behind each other (0.25 s more each, 2 s in all)…
+        guesses = [asyncio.create_task(attempt(guesser, f"guess-{n}", "203.0.113.9")) for n in range(8)]
+        await asyncio.sleep(0.05)
+        # …while a typo and then the right token from another address wait one step, or none:
+        # behind a global throttle they would come after every guess.
+        assert await asyncio.wait_for(attempt(user, "typo", "198.51.100.7"), 10) == 401
+        assert sum(not g.done() for g in guesses) >= 4
+        assert await asyncio.wait_for(attempt(user, API_TOKEN, "198.51.100.7"), 10) == 303
+        assert sum(not g.done() for g in guesses) >= 3
+        results = await asyncio.wait_for(asyncio.gather(*guesses), 20)
+        assert results == [401] * 8
+    finally:
+        await guesser.close()
+        await user.close()
