@@ -31,7 +31,7 @@ def _image(self, tokens, idx, options, env) -> str:
     alt = self.renderInlineAsText(token.children or [], options, env) or "image"
     if url is None:
         return str(escape(f"[image: {alt}]"))
-    return f'<a href="{escape(url)}" class="md-image" data-image="{escape(url)}">🖼 {escape(alt)}</a>'
+    return f'<a href="{escape(url)}" class="md-image" data-image="{escape(url)}">Show image: {escape(alt)}</a>'
 
 
 @lru_cache(maxsize=1)

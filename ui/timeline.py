@@ -128,5 +128,6 @@ def chain_view(escalation: dict | None) -> dict | None:
                 status = "done"
             elif n == at and state in ("running", "paused"):
                 status = "next"
+            # stopped (acknowledged, resolved, silenced): what ran is done, the rest never comes
         out.append({"n": n + 1, "text": step_text(step if isinstance(step, dict) else {}), "status": status})
     return {"name": chain.get("name") or "?", "steps": out}
