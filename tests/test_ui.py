@@ -218,7 +218,8 @@ async def test_payload_and_names_are_escaped_on_every_page(start_tocsin):
         await b.login()
         status, _, _ = await b.post(f"/ui/groups/{gid}/silence", data={"_csrf": b.csrf, "delay": "-1"})
         pages = ["/ui/groups", "/ui/groups?integration=xss", f"/ui/groups/{gid}", "/ui/integrations",
-                 "/ui/integrations/xss/templates", "/ui/api/groups"]
+                 "/ui/integrations/xss", "/ui/integrations/xss/templates", "/ui/api/groups",
+                 "/ui/groups?q=%3Cscript%3Ealert&label=%3Cscript%3E%3D%3Cb%3E"]
         for path in pages:
             status, text, _ = await b.get(path)
             assert status == 200, (path, text[:500])
