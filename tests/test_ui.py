@@ -1130,6 +1130,8 @@ def test_login_throttle_is_per_source_and_bounded():
     assert source_address("203.0.113.5", "198.51.100.1") == "203.0.113.5"  # a remote peer cannot pick its name
     assert source_address("127.0.0.1", "198.51.100.1, 192.0.2.7") == "192.0.2.7"  # a local proxy's last hop
     assert source_address("127.0.0.1", None) == "127.0.0.1"
+    assert source_address("2001:db8:1:2:aaaa::1", None) == source_address("2001:db8:1:2:bbbb::9", None) == "2001:db8:1:2::/64"
+    assert source_address("::ffff:192.0.2.7", None) == "192.0.2.7"
 
 
 async def test_one_address_guessing_does_not_slow_another(tocsin):

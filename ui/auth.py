@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
 from collections import OrderedDict
@@ -134,10 +135,19 @@ class LoginThrottle:
 
 def source_address(peer: str | None, forwarded_for: str | None) -> str:
     """Who a login comes from: the peer, or, when the peer is this machine (a reverse proxy
-    in front of tocsin), the last address the proxy appended to X-Forwarded-For."""
-    peer = peer or "?"
-    if forwarded_for and (peer.startswith("127.") or peer == "::1"):
+    in front of tocsin), the last address the proxy appended to X-Forwarded-For. An IPv6
+    address counts as its /64, which one host usually holds whole."""
+    source = peer or "?"
+    if forwarded_for and (source.startswith("127.") or source == "::1"):
         last = forwarded_for.split(",")[-1].strip()
         if last:
-            return last[:64]
-    return peer
+            source = last[:64]
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
