@@ -946,6 +946,13 @@ async def test_group_page_explains_grouping_route_and_chain(ops, ops_client):
     gid = await ops_alert(ops, "web-1")
     status, page, _ = await ops_client.get(f"/ui/groups/{gid}")
     assert "<strong>ops-default</strong> (route 3 of 3)" in page and "the default route: no route above it matched" in page
+    # The config changed since (the route is gone): the page says so instead of failing.
+    critical = await ops_alert(ops, "db-9", severity="critical")
+    ops.config_path.write_text(ops.config_path.read_text().replace('id = "critical"', 'id = "urgent"'))
+    assert ops.daemon.reload(ops.config_path)
+    status, page, _ = await ops_client.get(f"/ui/groups/{critical}")
+    assert status == 200 and "<code>critical</code> <span class=\"muted\">(no longer in the config)</span>" in page
+    assert "The newest alert would take route <code>urgent</code>" in page
 
 
 async def test_messages_are_markdown_sanitized_and_images_wait_for_a_click(ops, ops_client):

@@ -613,12 +613,14 @@ class Views:
         # Which route the group took: the one stored when it was made; the newest alert's
         # decision says whether that alert would take the same one now.
         routes = routes_view(integration, g.route_id) if integration is not None else []
+        matched = next((r for r in routes if r["matched"]), None)
         now_route = next((s["decision"]["route"] for s in shown if s["decision"]), None) if page == 1 else None
         return self.page(
             request, "group.html", title=g.title or g.id, section="groups", g=g, integration=integration,
             alerts=shown, alerts_count=count, page=page, pages=pages, timeline=timeline, source_link=source_link,
             escalation=escalation_view(story["escalation"]), notifications=story["notifications"],
-            chain=chain_view(story["escalation"]), routes=routes, route_now=now_route, group_labels=labels,
+            chain=chain_view(story["escalation"]), routes=routes, matched=matched, route_now=now_route,
+            group_labels=labels,
             maintenance=_maintenance_of(pipeline.store, g),
             allowed=ALLOWED_FROM, silence_choices=SILENCE_CHOICES, labels=ACTION_LABELS,
             here=f"/ui/groups/{g.id}",
