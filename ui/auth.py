@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -98,3 +100,54 @@ def token_matches(given: str, api_tokens: Iterable[str]) -> str | None:
 def same(a: str, b: str) -> bool:
     """Constant-time equality of two texts."""
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+class LoginThrottle:
+    """Slows wrong logins per source address: each failure from an address adds `step`
+    seconds to that address's queue, so one address guessing waits longer and longer
+    while everyone else's typo costs one step. Bounded: at most `max_sources` addresses
+    are remembered (the quietest go first), and an address whose queue is past `max_wait`
+    is refused at once instead of being kept waiting."""
+
+    def __init__(self, step: float = 0.25, max_wait: float = 10.0, max_sources: int = 4096):
+        self.step = step
+        self.max_wait = max_wait
+        self.max_sources = max_sources
+        self._busy_until: OrderedDict[str, float] = OrderedDict()  # address -> its queue ends
+
+    def __len__(self) -> int:
+        return len(self._busy_until)
+
+    def failed(self, source: str, now: float | None = None) -> float | None:
+        """Record a wrong login from `source`: how long to hold its answer, or None when its
+        queue is full (answer 429 at once)."""
+        now = now if now is not None else time.monotonic()
+        start = max(now, self._busy_until.get(source, now))
+        wait = start + self.step - now
+        if wait > self.max_wait:
+            return None
+        self._busy_until[source] = start + self.step
+        self._busy_until.move_to_end(source)
+        while len(self._busy_until) > self.max_sources:
+            self._busy_until.popitem(last=False)
+        return wait
+
+
+def source_address(peer: str | None, forwarded_for: str | None) -> str:
+    """Who a login comes from: the peer, or, when the peer is this machine (a reverse proxy
+    in front of tocsin), the last address the proxy appended to X-Forwarded-For. An IPv6
+    address counts as its /64, which one host usually holds whole."""
+    source = peer or "?"
+    if forwarded_for and (source.startswith("127.") or source == "::1"):
+        last = forwarded_for.split(",")[-1].strip()
+        if last:
+            source = last[:64]
+    try:
+        address = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    if address.version == 6:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)

@@ -85,3 +85,49 @@ def escalation_view(escalation: dict | None) -> dict | None:
     return {"name": chain.get("name") or "?", "state": escalation.get("state"), "steps": len(steps),
             "step": escalation.get("step"), "repeats": escalation.get("repeats") or 0,
             "due_at": escalation.get("due_at")}
+
+
+def step_text(step: dict) -> str:
+    """One chain step as written for people ("notify ops-hook", "wait 5 min", …)."""
+    kind = step.get("kind")
+    if kind == "notify":
+        return f"notify {', '.join(map(str, step.get('notifiers') or [])) or 'nobody'}"
+    if kind == "wait":
+        return f"wait {duration(step.get('seconds'))}"
+    if kind == "repeat":
+        return f"repeat from the start, {step.get('times')} time{'' if step.get('times') == 1 else 's'} at most"
+    if kind == "resolve":
+        return "resolve the group"
+    if kind == "if_time":
+        return f"go on only within {step.get('window')} ({step.get('tz')})"
+    if kind == "if_alerts_in_window":
+        return f"go on only after more than {step.get('count')} alerts in {duration((step.get('minutes') or 0) * 60)}"
+    return str(kind)
+
+
+def chain_view(escalation: dict | None) -> dict | None:
+    """A chain's steps in order, each marked done, next or to come from where the group's
+    escalation stands (all "to come" on an integration page, where no group runs it)."""
+    if escalation is None:
+        return None
+    chain = escalation.get("chain")
+    if isinstance(chain, str):
+        try:
+            chain = json.loads(chain)
+        except ValueError:
+            chain = None
+    chain = chain if isinstance(chain, dict) else {}
+    steps = chain.get("steps") if isinstance(chain.get("steps"), list) else []
+    at = escalation.get("step")
+    state = escalation.get("state")
+    out = []
+    for n, step in enumerate(steps):
+        status = "to come"
+        if isinstance(at, int) and state is not None:
+            if n < at or state == "finished":
+                status = "done"
+            elif n == at and state in ("running", "paused"):
+                status = "next"
+            # stopped (acknowledged, resolved, silenced): what ran is done, the rest never comes
+        out.append({"n": n + 1, "text": step_text(step if isinstance(step, dict) else {}), "status": status})
+    return {"name": chain.get("name") or "?", "steps": out}

@@ -8,21 +8,43 @@ import json
 import secrets
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import jinja2
 from aiohttp import web
 
 from grouping import lifecycle
-from grouping.pipeline import (TEMPLATE_NAMES, Integration, IntegrationError, preview_json, render_output,
+from grouping.labels import parse_label
+from grouping.pipeline import (TEMPLATE_NAMES, Integration, IntegrationError, RateLimited, Unavailable, preview_json,
                                with_templates)
-from handlers.api import MAX_PAGE, STATES, Api, alert_json, group_story, parse_time
+from grouping.views import (
+    MAX_PAGE,
+    STATES,
+    alert_json,
+    group_story,
+    groups_json,
+    integration_json,
+    parse_time,
+    render_output,
+    routes_view,
+)
 from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
 
 from . import editor
-from .timeline import describe, escalation_view
-from .auth import CSRF_FIELD, CSRF_HEADER, LOGIN_COOKIE, SESSION_COOKIE, Sessions, same, token_matches
+from .auth import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    LoginThrottle,
+    Sessions,
+    same,
+    source_address,
+    token_matches,
+)
 from .filters import filters, when
+from .markdown import render_markdown
+from .timeline import chain_view, describe, escalation_view
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
@@ -44,11 +66,17 @@ MAINTENANCE_MODES = (("debug", "Debug (groups form, nothing escalates)"),
                      ("maintenance", "Maintenance (one group collects everything)"))
 MAINTENANCE_CHOICES = ((3600, "1 hour"), (10800, "3 hours"), (21600, "6 hours"), (43200, "12 hours"),
                        (86400, "24 hours"))
+MAX_LABEL_FILTERS = 10
+MIN_SEARCH = 3  # the title index matches trigrams: shorter text cannot be looked up
+MAX_BULK = MAX_PAGE_SIZE
+LABELS_PER_GROUP = 8  # chips on a card; the group page shows them all
+BULK_ACTIONS = ("acknowledge", "resolve", "silence")
 ACTION_LABELS = {"acknowledge": "Acknowledge", "unacknowledge": "Unacknowledge", "resolve": "Resolve",
                  "unresolve": "Unresolve", "silence": "Silence", "unsilence": "Unsilence"}
 
 SECURITY_HEADERS = {
-    # Scripts and styles only from /ui/static; images from anywhere, for alerts' image_url.
+    # Scripts and styles only from /ui/static.
+    # Images from anywhere, but only on a click (alerts' image_url, Markdown images: see ui/markdown.py).
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: https: http:;"
                                " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -65,7 +93,8 @@ def see_other(to: str, status: int = 303) -> web.Response:
 def _local(next_: str | None, default: str = "/ui/groups") -> str:
     """Only our own pages are redirect targets: a path under /ui/ of printable ASCII
     without spaces or backslashes. Anything else (another site, a scheme, a CR/LF that
-    would split the Location header) gives `default`."""
+    would split the Location header) gives `default`. Kept without the path prefix (see
+    Views.prefix), which the redirect adds."""
     if (next_ and next_.startswith("/ui/") and next_.isascii() and next_.isprintable()
             and not any(c in next_ for c in " \\")):
         return next_
@@ -78,12 +107,6 @@ class Views:
     def __init__(self, daemon, *, sessions: Sessions | None = None):
         self.daemon = daemon
         self.sessions = sessions or Sessions()
-        self.api = Api(
-            daemon.current,
-            tokens=lambda: daemon.config.api_tokens,
-            public_url=lambda: daemon.config.daemon.public_url,
-            email_domain=lambda: daemon.config.smtp.domain if daemon.config.smtp else None,
-        )
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -93,7 +116,7 @@ class Views:
         )
         self.env.filters.update(filters())
         self.static_version = _static_version(HERE / "static")
-        self._login_lock = asyncio.Lock()
+        self.throttle = LoginThrottle()
         self._write_lock = asyncio.Lock()
 
     # -- plumbing --------------------------------------------------------------------
@@ -104,6 +127,8 @@ class Views:
             web.get("/login", self.login_form), web.post("/login", self.login),
             web.post("/logout", self.logout),
             web.get("/integrations", self.integrations),
+            web.get("/integrations/{id}", self.integration_page),
+            web.post("/integrations/{id}/demo", self.demo),
             web.post("/integrations/{id}/maintenance/start", self.maintenance_start),
             web.post("/integrations/{id}/maintenance/stop", self.maintenance_stop),
             web.get("/integrations/{id}/templates", self.templates_page),
@@ -112,6 +137,7 @@ class Views:
             web.get("/api/integrations/{id}/payload", self.sample_payload),
             web.get("/groups", self.groups),
             web.get("/api/groups", self.groups_json),
+            web.post("/groups/bulk", self.groups_bulk),
             web.get("/groups/{id}", self.group),
             web.post("/groups/{id}/{action}", self.group_action),
             web.static("/static", HERE / "static"),
@@ -121,8 +147,25 @@ class Views:
     def public_url(self) -> str:
         return self.daemon.config.daemon.public_url
 
+    @property
+    def prefix(self) -> str:
+        """The path tocsin is served under behind a reverse proxy: public_url's path
+        ("https://example.com/tocsin" -> "/tocsin"; "" at the root). The proxy strips it
+        before passing requests on; every link, form and cookie the UI writes carries it."""
+        return urlsplit(self.public_url).path.rstrip("/")
+
+    def url(self, path: str) -> str:
+        """A link to one of our paths ("/ui/…"), as the browser must ask for it."""
+        return self.prefix + path
+
     def tokens(self) -> tuple[str, ...]:
         return self.daemon.config.api_tokens
+
+    def integration_json(self, i: Integration) -> dict:
+        config = self.daemon.config
+        return integration_json(i, public_url=self.public_url,
+                                email_domain=config.smtp.domain if config.smtp else None,
+                                maintenance=self.daemon.current().store.maintenance.get(i.id))
 
     @web.middleware
     async def guard(self, request: web.Request, handler):
@@ -134,7 +177,7 @@ class Views:
                 if path.startswith("/ui/api/"):
                     return self._headers(web.json_response({"error": "log in first"}, status=401))
                 target = request.path_qs if request.method == "GET" else "/ui/groups"
-                return self._headers(see_other("/ui/login?" + urlencode({"next": _local(target)})))
+                return self._headers(see_other(self.url("/ui/login?" + urlencode({"next": _local(target)}))))
             request[SESSION] = session
             if request.method not in ("GET", "HEAD", "OPTIONS"):
                 given = request.headers.get(CSRF_HEADER)
@@ -172,24 +215,29 @@ class Views:
         session = request.get(SESSION)
         flash = request.get(FLASH)
         text = self.env.get_template(template).render(
-            csrf=session.csrf if session else "",
             logged_in=session is not None,
-            static=lambda name: f"/ui/static/{name}?v={self.static_version}",
             section=context.pop("section", ""),
             flash=flash,
+            **self._base_context(session),
             **context,
         )
         response = web.Response(text=text, content_type="text/html", status=status)
         if flash is not None:
-            response.del_cookie(FLASH_COOKIE, path="/ui")
+            response.del_cookie(FLASH_COOKIE, path=self.url("/ui"))
         return response
 
+    def _base_context(self, session) -> dict:
+        """What every template (pages and fragments) may use: the CSRF token and our URLs."""
+        return {"csrf": session.csrf if session else "", "root": self.url("/ui"), "url": self.url,
+                "static": lambda name: self.url(f"/ui/static/{name}?v={self.static_version}")}
+
     def _cookie(self, response: web.StreamResponse, name: str, value: str, max_age: int | None) -> None:
-        response.set_cookie(name, value, max_age=max_age, path="/ui", httponly=True, samesite="Strict",
+        response.set_cookie(name, value, max_age=max_age, path=self.url("/ui"), httponly=True, samesite="Strict",
                             secure=self.public_url.lower().startswith("https://"))
 
     def _redirect(self, to: str, notice: str | None = None, error: bool = False) -> web.Response:
-        response = see_other(to)
+        """303 to one of our paths ("/ui/…", no prefix), with an optional one-shot notice."""
+        response = see_other(self.url(to))
         if notice:
             # A one-shot message for the next page: a cookie, so no URL can inject one.
             self._cookie(response, FLASH_COOKIE, json.dumps({"text": notice, "error": error}), 60)
@@ -213,7 +261,7 @@ class Views:
     # -- login -----------------------------------------------------------------------
 
     async def home(self, request: web.Request) -> web.Response:
-        return see_other("/ui/groups", 302)
+        return see_other(self.url("/ui/groups"), 302)
 
     async def login_form(self, request: web.Request, *, error: str | None = None, status: int = 200) -> web.Response:
         nonce = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(18)
@@ -233,19 +281,24 @@ class Views:
             hooks = getattr(self.daemon, "metrics", None)  # optional: the daemon's metrics
             if hooks is not None:
                 hooks.auth_failure("ui")
-            # One failed attempt at a time, each slowed: guessing a token from here is hopeless.
-            async with self._login_lock:
-                await asyncio.sleep(0.25)
+            # Each wrong token slows the next from the same address (guessing is hopeless);
+            # other addresses do not wait behind it.
+            source = source_address(request.remote, request.headers.get("X-Forwarded-For"))
+            wait = self.throttle.failed(source)
+            if wait is None:
+                return self._headers(web.Response(status=429, text="Too many wrong logins; wait a little.",
+                                                  headers={"Retry-After": str(int(self.throttle.max_wait))}))
+            await asyncio.sleep(wait)
             return await self.login_form(request, error="Wrong token.", status=401)
-        response = see_other(_local(str(form.get("next", ""))))
+        response = see_other(self.url(_local(str(form.get("next", "")))))
         self._cookie(response, SESSION_COOKIE, self.sessions.issue(token), int(self.sessions.lifetime))
-        response.del_cookie(LOGIN_COOKIE, path="/ui")
+        response.del_cookie(LOGIN_COOKIE, path=self.url("/ui"))
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
         self.sessions.end(request[SESSION])
-        response = see_other("/ui/login")
-        response.del_cookie(SESSION_COOKIE, path="/ui")
+        response = see_other(self.url("/ui/login"))
+        response.del_cookie(SESSION_COOKIE, path=self.url("/ui"))
         return response
 
     # -- integrations ----------------------------------------------------------------
@@ -264,7 +317,7 @@ class Views:
             counts = open_counts.get(i.id, {})
             rows.append({
                 "integration": i,
-                "json": self.api.integration_json(i),
+                "json": self.integration_json(i),
                 "open": sum(counts.values()),
                 "open_by_state": counts,
                 "heartbeat": _heartbeat(beats.get(i.id), timeouts.get(i.id)),
@@ -430,7 +483,7 @@ class Views:
     def _group_filters(self, request: web.Request) -> tuple[dict, dict, list[str]]:
         """(store query, the filters as the form shows them, problems) from the query string."""
         q = request.query
-        shown = {k: q.get(k, "") for k in ("state", "integration", "since", "until")}
+        shown: dict[str, Any] = {k: q.get(k, "") for k in ("state", "integration", "since", "until", "q")}
         query: dict[str, Any] = {}
         problems = []
         if shown["state"]:
@@ -446,6 +499,22 @@ class Views:
                     query[arg] = parse_time(shown[key])
                 except ValueError:
                     problems.append(f"'{shown[key]}' is not a date and time")
+        text = shown["q"].strip()
+        if text:
+            if len(text) >= MIN_SEARCH:
+                query["text"] = text[:200]
+            else:
+                problems.append(f"search for {MIN_SEARCH} characters or more")
+        labels: list[tuple[str, str]] = []
+        for raw in [v for v in q.getall("label", []) if v.strip()][:MAX_LABEL_FILTERS]:
+            pair = parse_label(raw)
+            if pair is None:
+                problems.append(f"'{raw}' is not a label filter: write key=value")
+            elif pair not in labels:
+                labels.append(pair)
+        if labels:
+            query["labels"] = tuple(labels)
+        shown["labels"] = labels
         try:
             page = max(1, int(q.get("page", "1")))
             size = min(MAX_PAGE_SIZE, max(1, int(q.get("perpage", str(PAGE_SIZE)))))
@@ -463,23 +532,39 @@ class Views:
         query, shown, problems = self._group_filters(request)
         pipeline = self.daemon.current()
         count, groups = await pipeline.store.list_groups(**query)
+        labels = await pipeline.store.labels_of([g.seq for g in groups])
         size, page = shown["perpage"], shown["page"]
         pages = max(1, -(-count // size))
-        keep = {k: v for k, v in shown.items() if v and k not in ("page", "perpage")}
+        # The filters as query parameters, in a stable order: every filtered view is a link.
+        keep = [(k, shown[k]) for k in ("state", "integration", "since", "until", "q") if shown[k]]
+        keep += [("label", f"{k}={v}") for k, v in shown["labels"]]
         if size != PAGE_SIZE:
-            keep["perpage"] = size
+            keep.append(("perpage", size))
 
         def link(n: int) -> str | None:
-            return "/ui/groups?" + urlencode({**keep, "page": n}) if 1 <= n <= pages and n != page else None
+            return self.url("/ui/groups?" + urlencode([*keep, ("page", n)])) if 1 <= n <= pages and n != page else None
+
+        def with_label(key: str, value: str) -> str:
+            pair = ("label", f"{key}={value}")
+            return self.url("/ui/groups?" + urlencode(keep if pair in keep else [*keep, pair]))
+
+        def without(name: str, value: Any = None) -> str:
+            rest = [(k, v) for k, v in keep if k != name or (value is not None and v != value)]
+            return self.url("/ui/groups" + ("?" + urlencode(rest) if rest else ""))
 
         names = {iid: i.name for iid, i in pipeline.integrations.items()}
-        here = "/ui/groups?" + urlencode({**keep, "page": page})
+        here = "/ui/groups?" + urlencode([*keep, ("page", page)])
         return {
             "groups": groups, "count": count, "page": page, "pages": pages, "filters": shown,
             "problems": problems, "names": names, "states": STATES, "here": here,
+            "group_labels": {seq: pairs[:LABELS_PER_GROUP] for seq, pairs in labels.items()},
+            "more_labels": {seq: len(pairs) - LABELS_PER_GROUP for seq, pairs in labels.items()
+                            if len(pairs) > LABELS_PER_GROUP},
+            "with_label": with_label, "without": without,
             "links": {"first": link(1), "previous": link(page - 1), "next": link(page + 1), "last": link(pages)},
-            "refresh": "/ui/api/groups?" + urlencode({**keep, "page": page}),
+            "refresh": self.url("/ui/api/groups?" + urlencode([*keep, ("page", page)])),
             "allowed": ALLOWED_FROM, "silence_choices": SILENCE_CHOICES, "labels": ACTION_LABELS,
+            "bulk_actions": BULK_ACTIONS,
         }
 
     async def groups(self, request: web.Request) -> web.Response:
@@ -489,12 +574,12 @@ class Views:
                          integrations=self.daemon.current().integrations, **context)
 
     async def groups_json(self, request: web.Request) -> web.Response:
-        """The groups table for the page's auto-refresh: the rendered rows and the API's JSON."""
+        """The groups list for the page's auto-refresh: the rendered rows and the API's JSON."""
         context = await self._groups_context(request)
-        html = self.env.get_template("_groups_table.html").render(
-            csrf=request[SESSION].csrf, **context)
+        html = self.env.get_template("_groups_table.html").render(**self._base_context(request[SESSION]), **context)
+        results = await groups_json(self.daemon.current().store, context["groups"], public_url=self.public_url)
         return web.json_response({"count": context["count"], "page": context["page"], "pages": context["pages"],
-                                  "results": await self.api.group_json(context["groups"]), "html": html})
+                                  "results": results, "html": html})
 
     async def group(self, request: web.Request) -> web.Response:
         self._take_flash(request)
@@ -517,6 +602,7 @@ class Views:
             if integration is not None:
                 decision = render_output(await pipeline.decide(integration, payload, full=True,
                                                                alert_group_id=g.id))
+                decision["message_html"] = render_markdown(decision["message"])
             shown.append({"alert": a, "payload": payload, "decision": decision})
         story = await group_story(pipeline.store, g)
         names = {iid: i.name for iid, i in pipeline.integrations.items()}
@@ -537,14 +623,94 @@ class Views:
         timeline.sort(key=lambda e: e["at"] or 0)
         pages = max(1, -(-count // GROUP_ALERTS_PAGE))
         source_link = next((s["decision"]["source_link"] for s in shown if s["decision"]), None) if page == 1 else None
+        labels = (await pipeline.store.labels_of([g.seq])).get(g.seq, [])
+        # Which route the group took: the one stored when it was made; the newest alert's
+        # decision says whether that alert would take the same one now.
+        routes = routes_view(integration, g.route_id) if integration is not None else []
+        matched = next((r for r in routes if r["matched"]), None)
+        now_route = next((s["decision"]["route"] for s in shown if s["decision"]), None) if page == 1 else None
         return self.page(
             request, "group.html", title=g.title or g.id, section="groups", g=g, integration=integration,
             alerts=shown, alerts_count=count, page=page, pages=pages, timeline=timeline, source_link=source_link,
             escalation=escalation_view(story["escalation"]), notifications=story["notifications"],
+            chain=chain_view(story["escalation"]), routes=routes, matched=matched, route_now=now_route,
+            group_labels=labels,
             maintenance=_maintenance_of(pipeline.store, g),
             allowed=ALLOWED_FROM, silence_choices=SILENCE_CHOICES, labels=ACTION_LABELS,
             here=f"/ui/groups/{g.id}",
+            label_link=lambda k, v: self.url("/ui/groups?" + urlencode([("label", f"{k}={v}")])),
         )
+
+    async def act(self, group_id: str, action: str, delay):
+        """The one per-group action (the group page, each row and the bulk form all come here):
+        lifecycle.act, as the API and the CLI call it."""
+        return await lifecycle.act(self.daemon.current().store, group_id, action, delay=delay)
+
+    async def groups_bulk(self, request: web.Request) -> web.Response:
+        """One action on every selected group; says how many it changed and why others refused."""
+        form = await request.post()
+        back = _local(str(form.get("next", "")))
+        action = str(form.get("action", ""))
+        if action not in BULK_ACTIONS:
+            return self._redirect(back, "Choose acknowledge, resolve or silence.", error=True)
+        ids = list(dict.fromkeys(v for v in form.getall("group", []) if isinstance(v, str) and v))
+        if not ids:
+            return self._redirect(back, "Select one or more alert groups first.", error=True)
+        if len(ids) > MAX_BULK:
+            return self._redirect(back, f"Select at most {MAX_BULK} alert groups at once.", error=True)
+        delay = form.get("delay") if action == "silence" else None
+        if action == "silence":
+            try:
+                lifecycle.silence_delay(delay)  # refused once for the lot, not once per group
+            except lifecycle.ActionError as exc:
+                return self._redirect(back, str(exc), error=True)
+        # Concurrent, so the writer commits them together (one fsync for the lot).
+        outcomes = await asyncio.gather(*(self.act(gid, action, delay) for gid in ids), return_exceptions=True)
+        refused = []
+        for gid, outcome in zip(ids, outcomes):
+            if isinstance(outcome, (NotFound, InvalidTransition, lifecycle.ActionError)):
+                refused.append(f"{gid}: {outcome}")
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        done = len(ids) - len(refused)
+        text = f"{done} alert group{'' if done == 1 else 's'} {lifecycle.PAST[action]}."
+        if refused:
+            text += f" {len(refused)} refused: " + "; ".join(refused[:5]) + ("; …" if len(refused) > 5 else "")
+        return self._redirect(back, text, error=bool(refused) and not done)
+
+    # -- one integration -------------------------------------------------------------
+
+    async def integration_page(self, request: web.Request) -> web.Response:
+        """An integration's URLs, routes and chains (read-only), recent groups, and a demo alert button."""
+        self._take_flash(request)
+        i = self._integration(request)
+        store = self.daemon.current().store
+        count, recent = await store.list_groups(integration_id=i.id, limit=5)
+        chains = []
+        for r in i.routes:
+            chain = chain_view({"chain": i.chains[r.id]}) if r.id in i.chains else None
+            if chain is not None and all(c["name"] != chain["name"] for c in chains):
+                chains.append(chain)
+        return self.page(request, "integration.html", title=i.name, section="integrations", integration=i,
+                         json=self.integration_json(i), routes=routes_view(i), chains=chains, recent=recent,
+                         recent_count=count, maintenance=store.maintenance.get(i.id))
+
+    async def demo(self, request: web.Request) -> web.Response:
+        """Send the kind's example payload through the pipeline, as `tocsin demo` does (never grouped)."""
+        i = self._integration(request)
+        back = f"/ui/integrations/{i.id}"
+        try:
+            accepted = await self.daemon.current().ingest(i, i.kind.example_payload_copy(), source="demo",
+                                                          grouped=False)
+        except RateLimited as exc:
+            return self._redirect(back, f"Not sent: {exc}; try again in {exc.retry_after} s.", error=True)
+        except Unavailable as exc:
+            return self._redirect(back, f"Not sent: {exc}", error=True)
+        if not accepted:
+            return self._redirect(back, "The example payload made no alert.", error=True)
+        first = accepted[0]
+        return self._redirect(f"/ui/groups/{first.alert_group_id}",
+                              f"Demo alert sent to {i.name}: alert {first.alert_id}.")
 
     async def group_action(self, request: web.Request) -> web.Response:
         """Acknowledge, resolve, silence, …: lifecycle.act, as the API and the CLI call it."""
@@ -559,7 +725,7 @@ class Views:
             raise web.HTTPNotFound(text=f"No such action '{action}'") from None
         delay = form.get("delay") if action == "silence" else None
         try:
-            await lifecycle.act(self.daemon.current().store, group_id, action, delay=delay)
+            await self.act(group_id, action, delay)
         except (lifecycle.ActionError, NotFound, InvalidTransition) as exc:
             return self._redirect(back, str(exc), error=True)
         return self._redirect(back, f"Alert group {group_id} {lifecycle.PAST[action]}.")

@@ -1,6 +1,7 @@
 // tocsin UI: small progressive enhancements over server-rendered pages.
-// Copy buttons, the groups list's auto-refresh, and the template editor's live preview.
-// Everything works without this file except the live preview.
+// Copy buttons, images shown on a click, the groups list's selection and auto-refresh,
+// and the template editor's live preview. Everything works without this file except the
+// live preview and the refresh (without it an image link opens the image).
 (function () {
   "use strict";
 
@@ -58,28 +59,97 @@
     );
   });
 
-  // -- alert groups: auto-refresh that keeps the filters ---------------------------
+  // -- images only on a click (no tracking pixels from payload URLs) ------------------
+
+  document.addEventListener("click", function (event) {
+    var link = event.target.closest("a[data-image]");
+    if (!link || event.ctrlKey || event.metaKey) return;
+    var url = link.getAttribute("data-image");
+    if (!/^https?:\/\//i.test(url)) return;
+    event.preventDefault();
+    var next = link.nextElementSibling;
+    if (next && next.classList.contains("shown-image")) { next.remove(); return; }
+    var image = document.createElement("img");
+    image.className = "shown-image";
+    image.alt = link.textContent;
+    image.referrerPolicy = "no-referrer";
+    image.src = url;
+    link.after(image);
+  });
+
+  // -- alert groups: selection for the bulk actions ---------------------------------
 
   var groups = document.getElementById("groups");
+  var picked = document.getElementById("picked-count");
+
+  function boxes() { return groups ? groups.querySelectorAll('input[name="group"]') : []; }
+
+  function countPicked() {
+    if (!picked) return;
+    var n = 0;
+    boxes().forEach(function (box) { if (box.checked) n += 1; });
+    picked.textContent = String(n);
+  }
+
+  if (groups) {
+    groups.addEventListener("change", function (event) {
+      if (event.target.id === "pick-all") {
+        boxes().forEach(function (box) { box.checked = event.target.checked; });
+      }
+      countPicked();
+    });
+  }
+
+  // -- alert groups: auto-refresh that keeps the filters and the selection ---------
+
   if (groups && groups.dataset.refresh) {
     var toggle = document.getElementById("autorefresh");
+    var stamp = document.getElementById("refresh-status");
     var busy = false;
+    var lastGood = Date.now();
+    var PERIOD = 5000;
+
+    var clock = function (ms) { return new Date(ms).toLocaleTimeString(); };
+    var mark = function (ok, why) {
+      if (!stamp) return;
+      if (ok) {
+        lastGood = Date.now();
+        stamp.dataset.stale = "false";
+        stamp.textContent = "updated " + clock(lastGood);
+      } else {
+        stamp.dataset.stale = "true";
+        stamp.textContent = "Not updated since " + clock(lastGood) + " (" + why + "); retrying";
+      }
+    };
     var refresh = function () {
       if (busy || document.hidden || (toggle && !toggle.checked)) return;
-      // Never swap the table under someone choosing a silence duration.
+      // Never swap the list under someone choosing a silence duration.
       if (groups.contains(document.activeElement) && document.activeElement.tagName === "SELECT") return;
       busy = true;
       fetch(groups.dataset.refresh, { credentials: "same-origin", headers: { Accept: "application/json" } })
         .then(function (r) {
           if (r.status === 401) { window.location.reload(); return null; }
-          return r.ok ? r.json() : null;
+          if (!r.ok) throw new Error("HTTP " + r.status);
+          return r.text();
         })
-        .then(function (data) { if (data && typeof data.html === "string") groups.innerHTML = data.html; })
-        .catch(function () { /* the next tick tries again */ })
+        .then(function (text) {
+          if (text === null) return;
+          var data;
+          try { data = JSON.parse(text); } catch (e) { throw new Error("unreadable answer"); }
+          if (!data || typeof data.html !== "string") throw new Error("unexpected answer");
+          var keep = {};
+          boxes().forEach(function (box) { if (box.checked) keep[box.value] = true; });
+          groups.innerHTML = data.html;
+          boxes().forEach(function (box) { if (keep[box.value]) box.checked = true; });
+          countPicked();
+          mark(true);
+        })
+        .catch(function (e) { mark(false, e && e.message ? e.message : "network error"); })
         .then(function () { busy = false; });
     };
-    setInterval(refresh, 5000);
+    setInterval(refresh, PERIOD);
     document.addEventListener("visibilitychange", refresh);
+    mark(true);
   }
 
   // -- template editor: live preview -------------------------------------------------
