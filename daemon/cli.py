@@ -214,7 +214,7 @@ def _config_or_fail(args):
 
 
 def cmd_groups(args) -> int:
-    from handlers.api import iso
+    from grouping.views import iso
 
     config, err = _config_or_fail(args)
     if config is None:

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from store import Group
 
-from .pipeline import Integration, render_output  # noqa: F401 - render_output: one shape for every preview
+from .pipeline import Integration
 
 STATES = ("new", "acknowledged", "resolved", "silenced")
 # Past this the offset alone would not fit SQLite's 64-bit integer; nobody pages that far.
@@ -23,11 +23,22 @@ API_TEMPLATE_NAMES = {
 }
 
 
+_EARLIEST = datetime(1, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
+
+
 def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with microseconds, as Grafana OnCall prints them."""
-    if ts is None:
+    """Epoch seconds as ISO 8601 UTC with microseconds, as Grafana OnCall prints them.
+
+    A time beyond what a date can hold prints as the first or last one (a bad row never
+    breaks a read); one that is not a number prints as null."""
+    if ts is None or ts != ts:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        value = datetime.fromtimestamp(ts, timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        value = _LATEST if ts > 0 else _EARLIEST
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> float:

@@ -31,6 +31,7 @@ INTEGRATIONS = [
     ("kp", "kapacitor", "tok-kapacitor-001"),
     ("ea", "elastalert", "tok-elastalert-01"),
     ("mail", "inbound_email", "tok-inbound-email-1"),
+    ("pager", "pagerduty", "tok-pagerduty-00001"),
 ]
 TOKEN = {i: t for i, _, t in INTEGRATIONS}
 KIND = {i: k for i, k, _ in INTEGRATIONS}

@@ -65,6 +65,15 @@ def test_email_example_is_a_well_formed_mail(path):
 async def test_every_http_example_is_accepted_at_its_kind_url(tocsin):
     integration_of = {kind: iid for iid, kind, _ in INTEGRATIONS}
     for path in HTTP_EXAMPLES:
-        status, body = await tocsin.post(integration_of[kind_of(path)], path.read_bytes())
+        kind = kind_of(path)
+        if kind == "pagerduty":
+            # PagerDuty's own examples carry a placeholder routing key; at the integration URL
+            # the token is the key, and PagerDuty's answer is 202 with the dedup_key.
+            event = json.loads(path.read_bytes())
+            event.pop("routing_key")
+            status, body = await tocsin.post(integration_of[kind], event)
+            assert (status, body["status"]) == (202, "success"), (path.name, body)
+            continue
+        status, body = await tocsin.post(integration_of[kind], path.read_bytes())
         assert status == 200, (path.name, body)
         assert body["alert_group_id"], path.name

@@ -908,8 +908,9 @@ async def test_bulk_acknowledge_uses_the_single_action(ops, ops_client):
     assert states == {ids[0]: "acknowledged", ids[1]: "acknowledged", done: "resolved"}
     status, api = await ops.api("GET", f"alert_groups/{ids[0]}/timeline/")
     assert any(e["event"] == "acknowledged" and e["detail"] == {"by": "user"} for e in api["results"])
-    # Silence needs a duration; nothing selected, or an unknown action, is refused plainly.
-    for form, text in (([("action", "silence"), ("group", ids[0])], "Choose how long to silence for."),
+    # Silence needs a delay (lifecycle's words, as the API and CLI say them); nothing selected,
+    # or an unknown action, is refused plainly.
+    for form, text in (([("action", "silence"), ("group", ids[0])], "silence needs a delay"),
                        ([("action", "acknowledge")], "Select one or more alert groups first."),
                        ([("action", "delete"), ("group", ids[0])], "Choose acknowledge, resolve or silence.")):
         status, _, headers = await ops_client.post("/ui/groups/bulk", data=[("_csrf", ops_client.csrf), *form])

@@ -16,7 +16,7 @@ from aiohttp import web
 from grouping import lifecycle
 from grouping.labels import parse_label
 from grouping.pipeline import (TEMPLATE_NAMES, Integration, IntegrationError, RateLimited, Unavailable, preview_json,
-                               with_templates)
+                               render_output, with_templates)
 from grouping.views import (
     MAX_PAGE,
     STATES,
@@ -25,7 +25,6 @@ from grouping.views import (
     groups_json,
     integration_json,
     parse_time,
-    render_output,
     routes_view,
 )
 from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
