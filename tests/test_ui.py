@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import API_TOKEN, ROOT, TOKEN, config_text
+from conftest import API_TOKEN, ROOT, TOKEN, config_text, require
 from ui.auth import Sessions
 from ui.editor import EditError, rewrite, toml_block, toml_string, write_templates
 
@@ -639,13 +639,12 @@ def test_rewrite_keeps_comments_and_removes_emptied_tables(tmp_path):
 
 @pytest.fixture
 async def chromium():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    require(Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium")
     try:
         from playwright.async_api import async_playwright
         from playwright.async_api import expect as playwright_expect
     except ImportError:
-        pytest.skip("the playwright package is missing (pip install playwright)")
+        require(False, "the playwright package is missing: `make test` installs the test extras")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     playwright_expect.set_options(timeout=10_000)
     async with async_playwright() as p:
