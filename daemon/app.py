@@ -20,7 +20,8 @@ from grouping.routes import compile_route
 from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration
 from grouping.templates import TemplateCompileError, compile_template
 from handlers.api import Api
-from handlers.http import GatedSite, Ingress
+from handlers.edge import GatedSite, edge_middleware
+from handlers.http import Ingress
 from handlers.metrics import Metrics
 from escalation.engine import Engine
 from store import Store
@@ -114,9 +115,8 @@ class Daemon:
             email_domain=lambda: self.config.smtp.domain if self.config.smtp else None,
             max_body_bytes=c.http.max_body_bytes,
         )
-        app = web.Application(client_max_size=c.http.max_body_bytes)
+        app = web.Application(client_max_size=c.http.max_body_bytes, middlewares=[edge_middleware])
         app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
-                               body_timeout=c.http.body_timeout,
                                on_heartbeat=self.engine.heartbeat_received).routes())
         app.add_routes(api.routes())
         app.add_routes([
@@ -142,9 +142,11 @@ class Daemon:
         self.pipeline = self._make_pipeline(self.config)
         c = self.config
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
-                                     shutdown_timeout=c.daemon.shutdown_timeout)
+                                     shutdown_timeout=c.daemon.shutdown_timeout,
+                                     keepalive_timeout=c.http.keepalive_timeout)
         await self._runner.setup()
-        site = GatedSite(self._runner, c.http.host, c.http.port, max_connections=c.http.max_connections)
+        site = GatedSite(self._runner, c.http.host, c.http.port, max_connections=c.http.max_connections,
+                         header_timeout=c.http.header_timeout, body_timeout=c.http.body_timeout)
         await site.start()
         self.http_port = self._runner.addresses[0][1]
         self._http_listen = (c.http.host, c.http.port)

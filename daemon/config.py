@@ -44,7 +44,9 @@ class HttpConfig:
     port: int
     max_body_bytes: int = 1024 * 1024
     max_connections: int = 2048
-    body_timeout: float = 30.0
+    body_timeout: float = 30.0        # seconds from the request head to the body's last byte
+    header_timeout: float = 10.0      # seconds to send a whole request head
+    keepalive_timeout: float = 75.0   # seconds an idle keep-alive connection stays open
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,19 @@ def _duration(text: str | None, where: str, key: str, problems: list[str]) -> fl
         return None
 
 
+def _seconds(reader: _Reader, key: str, default: float) -> float:
+    """A positive duration: seconds as a number, or a string such as "10s" or "2m"."""
+    value = reader.get(key, (int, float, str), default)
+    if isinstance(value, str):
+        value = _duration(value, reader.where, key, reader.problems)
+        if value is None:
+            return default
+    if isinstance(value, bool) or value <= 0:
+        reader.problems.append(f"{reader.where}: '{key}' must be a positive duration")
+        return default
+    return float(value)
+
+
 def _heartbeat(text: str | None, where: str, problems: list[str]) -> float | None:
     if text is None or text.strip().lower() == "off":
         return None
@@ -276,7 +291,9 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
     host, port = parse_listen(h.get("listen", str, "127.0.0.1:8080"), "[http]", problems)
     http = HttpConfig(host=host, port=port, max_body_bytes=h.positive("max_body_bytes", 1024 * 1024),
                       max_connections=h.positive("max_connections", 2048),
-                      body_timeout=h.positive("body_timeout", 30.0, float))
+                      body_timeout=_seconds(h, "body_timeout", 30.0),
+                      header_timeout=_seconds(h, "header_timeout", 10.0),
+                      keepalive_timeout=_seconds(h, "keepalive_timeout", 75.0))
     h.finish()
 
     smtp = None

@@ -12,6 +12,7 @@ from grouping.pipeline import Integration, IntegrationError, Pipeline, build_int
 from grouping.templates import render_budget
 from store import ALLOWED_FROM, Group, InvalidTransition, NotFound, StoreUnavailable
 
+from .edge import json_response
 from .http import BadBody, error, parse_json_body, read_body
 
 STATES = ("new", "acknowledged", "resolved", "silenced")
@@ -152,7 +153,7 @@ class Api:
 
     async def list_integrations(self, request: web.Request) -> web.Response:
         items = [self.integration_json(i) for i in self.get_pipeline().integrations.values()]
-        return web.json_response(self.page(request, len(items), items, *self.paging(request)[1:], slice_=True))
+        return json_response(self.page(request, len(items), items, *self.paging(request)[1:], slice_=True))
 
     def _integration(self, request) -> Integration:
         i = self.get_pipeline().by_id(request.match_info["id"])
@@ -162,7 +163,7 @@ class Api:
         return i
 
     async def get_integration(self, request: web.Request) -> web.Response:
-        return web.json_response(self.integration_json(self._integration(request)))
+        return json_response(self.integration_json(self._integration(request)))
 
     async def preview(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
@@ -187,7 +188,7 @@ class Api:
                 return error(400, str(exc))
         pipeline = self.get_pipeline()
         d = await pipeline.decide(integration, body["payload"], full=True)
-        return web.json_response(render_output(d))
+        return json_response(render_output(d))
 
     async def maintenance_start(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
@@ -206,7 +207,7 @@ class Api:
             await self.get_pipeline().store.maintenance_start(integration.id, mode, float(duration), title)
         except InvalidTransition as exc:
             return error(400, str(exc))
-        return web.json_response(self.integration_json(integration))
+        return json_response(self.integration_json(integration))
 
     async def maintenance_stop(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
@@ -214,7 +215,7 @@ class Api:
             await self.get_pipeline().store.maintenance_stop(integration.id)
         except InvalidTransition as exc:
             return error(400, str(exc))
-        return web.json_response(self.integration_json(integration))
+        return json_response(self.integration_json(integration))
 
     # -- alert groups ----------------------------------------------------------------
 
@@ -285,13 +286,13 @@ class Api:
             state=state, integration_id=q.get("integration_id"), group_id=q.get("id"),
             route_id=q.get("route_id"), since=since, until=until, limit=size, offset=offset,
         )
-        return web.json_response(self.page(request, count, await self.group_json(groups), page, size))
+        return json_response(self.page(request, count, await self.group_json(groups), page, size))
 
     async def get_group(self, request: web.Request) -> web.Response:
         g = await self.get_pipeline().store.get_group(request.match_info["id"])
         if g is None:
             return error(404, "Alert group not found")
-        return web.json_response((await self.group_json([g]))[0])
+        return json_response((await self.group_json([g]))[0])
 
     async def group_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
@@ -314,7 +315,7 @@ class Api:
             return error(400, str(exc))
         except StoreUnavailable as exc:
             return error(503, f"storage unavailable, retry later: {exc}", headers={"Retry-After": "5"})
-        return web.json_response((await self.group_json([g]))[0])
+        return json_response((await self.group_json([g]))[0])
 
     async def timeline(self, request: web.Request) -> web.Response:
         """The group's story: creation and route, escalation steps, every notification
@@ -327,7 +328,7 @@ class Api:
         escalation = story["escalation"]
         if escalation is not None:
             escalation["due_at"] = iso(escalation["due_at"])
-        return web.json_response({
+        return json_response({
             "alert_group_id": g.id, "state": g.state, "escalation": escalation,
             "notifications": [{**n, "created_at": iso(n["created_at"])} for n in story["notifications"]],
             "results": [{**e, "at": iso(e["at"])} for e in story["entries"]],
@@ -341,7 +342,7 @@ class Api:
             alert_group_id=request.query.get("alert_group_id"),
             integration_id=request.query.get("integration_id"), limit=size, offset=offset,
         )
-        return web.json_response(self.page(request, count, [alert_json(a) for a in alerts], page, size))
+        return json_response(self.page(request, count, [alert_json(a) for a in alerts], page, size))
 
 
 async def group_story(store, g: Group) -> dict:
