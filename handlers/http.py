@@ -218,6 +218,40 @@ async def parse_payload(request: web.Request, limit: int) -> tuple[Any, str | No
     return await off_loop(len(body), parse, body)
 
 
+_FORM_KEY = "tocsin.form"
+
+
+async def read_form(request: web.Request, limit: int = 1024 * 1024) -> dict[str, str]:
+    """A form body (urlencoded or multipart, no files) read like an integration body:
+    bounded, under the connection's body deadline, parsed off the loop when big.
+
+    The UI's replacement for `await request.post()` (which parses on the loop); read once
+    per request, so a middleware and the handler can both ask. HTTP errors as aiohttp's.
+    """
+    if _FORM_KEY in request:
+        return request[_FORM_KEY]
+    try:
+        body = await read_body(request, limit)
+        ctype = request.content_type
+        if ctype == "multipart/form-data" and body.strip():
+            form, _ = await off_loop(len(body), parse_multipart_body, body, request.headers.get("Content-Type", ""))
+        elif ctype == "application/x-www-form-urlencoded":
+            form, _ = await off_loop(len(body), parse_form_body, body)
+        else:
+            form = {}
+    except BadBody as exc:
+        raise _http_error(exc) from None
+    request[_FORM_KEY] = form
+    return form
+
+
+def _http_error(exc: BadBody) -> web.HTTPException:
+    classes = {408: web.HTTPRequestTimeout, 413: web.HTTPRequestEntityTooLarge, 415: web.HTTPUnsupportedMediaType}
+    if exc.status == 413:
+        return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=str(exc))
+    return classes.get(exc.status, web.HTTPBadRequest)(text=str(exc))
+
+
 _PARSERS = {
     "application/json": parse_json_body,
     "application/x-www-form-urlencoded": parse_form_body,

@@ -14,6 +14,7 @@ import jinja2
 from aiohttp import web
 
 from grouping.pipeline import TEMPLATE_NAMES, Integration, IntegrationError, build_integration
+from handlers.http import read_form
 from handlers.api import STATES, Api, _human, alert_json, group_story, parse_time, render_output
 from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
 
@@ -135,7 +136,7 @@ class Views:
                 given = request.headers.get(CSRF_HEADER)
                 if given is None and request.content_type in ("application/x-www-form-urlencoded",
                                                               "multipart/form-data"):
-                    given = (await request.post()).get(CSRF_FIELD)
+                    given = (await read_form(request)).get(CSRF_FIELD)
                 if not self.sessions.csrf_ok(session, given if isinstance(given, str) else None):
                     return self._headers(self.page(request, "error.html", status=403, title="Forbidden",
                                                    message="This form has expired or did not come from tocsin"
@@ -218,7 +219,7 @@ class Views:
         return response
 
     async def login(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await read_form(request)
         nonce = request.cookies.get(LOGIN_COOKIE)
         given = form.get("_login")
         if not nonce or not isinstance(given, str) or not same(nonce, given):
@@ -268,7 +269,7 @@ class Views:
     async def maintenance_start(self, request: web.Request) -> web.Response:
         """Start maintenance as the API's maintenance_start does (same title, same refusals)."""
         i = self._integration(request)
-        form = await request.post()
+        form = await read_form(request)
         mode = form.get("mode")
         try:
             seconds = int(str(form.get("duration", "")))
@@ -329,7 +330,7 @@ class Views:
 
     async def templates_save(self, request: web.Request) -> web.Response:
         i = self._integration(request)
-        form = await request.post()
+        form = await read_form(request)
         edited = self._edited(i, {n: form.get(f"tpl_{n}") for n in TEMPLATE_NAMES})
         errors = editor.compile_errors(edited)
         if errors:
@@ -531,7 +532,7 @@ class Views:
         )
 
     async def group_action(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await read_form(request)
         group_id, action = request.match_info["id"], request.match_info["action"]
         back = _local(str(form.get("next", "")), f"/ui/groups/{group_id}")
         if action not in ALLOWED_FROM:
