@@ -61,7 +61,7 @@ class Throttled:
         self.logger.log(level, "%s%s", text, more, exc_info=exc_info)
 
 
-throttled = Throttled(log)
+_throttled = Throttled(log)  # for requests that did not come through a ConnectionGate
 
 
 def dumps(value: Any) -> str:
@@ -137,9 +137,13 @@ class Connection(RequestHandler):
         """A half-close: finish the request in progress and answer it, then close."""
         self._eof = True
         request = self._request
-        if request is None:
+        if request is None and not self._head_bytes:
             return False  # nothing to answer: let the transport close
+        # A head that arrived with the EOF starts its request in a moment (and sees
+        # _eof then); one that never completes meets the head deadline.
         self.keep_alive(False)
+        if request is None:
+            return True
         if not request.content.is_eof():
             request.content.set_exception(BodyCut("client closed the connection before the whole body arrived"))
         return True
@@ -205,12 +209,12 @@ class Connection(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         """JSON instead of aiohttp's text, and one short log line instead of a traceback."""
         if status >= 500:
-            throttled.warning("http_500", f"http: unhandled error on {request.method} {request.path}: {exc!r}",
-                              level=logging.ERROR, exc_info=exc)
+            self._gate.log.warning("http_500", f"http: unhandled error on {request.method} {request.path}: {exc!r}",
+                                   level=logging.ERROR, exc_info=exc)
             text = "internal error"
         else:
             text = _first_line(message or (str(exc) if exc else "") or "bad request")
-            throttled.warning(f"http_{status}_{type(exc).__name__}",
+            self._gate.log.warning(f"http_{status}_{type(exc).__name__}",
                               f"http: malformed request from {request.remote}: {text}")
             self._gate.refused("malformed")
         if request.writer.output_size > 0:  # the response already started: nothing more to say
@@ -244,6 +248,7 @@ class ConnectionGate:
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
         self.on_refused = on_refused  # optional callable(reason): metrics
+        self.log = Throttled(log)
         self._open: set[Connection] = set()
         # Connections between requests, oldest first (dicts keep insertion order).
         self._waiting: dict[Connection, None] = {}
@@ -348,8 +353,9 @@ async def edge_middleware(request: web.Request, handler) -> web.StreamResponse:
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception as exc:  # noqa: BLE001 - a bug: say so in one JSON line, log it
-        throttled.warning("http_500", f"http: unhandled error on {request.method} {request.path}: {exc!r}",
-                          level=logging.ERROR, exc_info=exc)
+        (conn._gate.log if conn is not None else _throttled).warning(
+            "http_500", f"http: unhandled error on {request.method} {request.path}: {exc!r}",
+            level=logging.ERROR, exc_info=exc)
         if not _wants_json(request):
             raise
         return error(500, "internal error")

@@ -12,6 +12,7 @@ import math
 import re
 from email.errors import NoBoundaryInMultipartDefect, StartBoundaryNotFoundDefect
 from email.parser import BytesParser
+from email.policy import Compat32
 from email.utils import collapse_rfc2231_value
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -156,7 +157,15 @@ def _header_text(value: str) -> str:
         raise BadBody(400, "multipart field name is not valid UTF-8") from None
 
 
-_MIME = BytesParser()
+class _RawHeaders(Compat32):
+    """compat32 handing header values back raw: 8-bit bytes stay surrogate-escaped for
+    _header_text to read as UTF-8 (compat32 would turn them into U+FFFD)."""
+
+    def header_fetch_parse(self, name, value):
+        return value
+
+
+_MIME = BytesParser(policy=_RawHeaders())
 _NO_PARTS = (NoBoundaryInMultipartDefect, StartBoundaryNotFoundDefect)
 
 
