@@ -116,8 +116,10 @@ class Daemon:
             max_body_bytes=c.http.max_body_bytes,
         )
         app = web.Application(client_max_size=c.http.max_body_bytes, middlewares=[edge_middleware])
-        app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
-                               on_heartbeat=self.engine.heartbeat_received).routes())
+        ingress = Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
+                          on_heartbeat=self.engine.heartbeat_received)
+        app.add_routes(ingress.routes())
+        app.cleanup_ctx.append(ingress.cleanup_ctx)
         app.add_routes(api.routes())
         app.add_routes([
             web.get("/healthz", self.healthz),

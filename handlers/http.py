@@ -6,167 +6,17 @@ hands the payload to the pipeline and maps the outcome to a status (CONTRACT §4
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
-import re
-from email.errors import NoBoundaryInMultipartDefect, StartBoundaryNotFoundDefect
-from email.parser import BytesParser
-from email.policy import Compat32
-from email.utils import collapse_rfc2231_value
 from typing import Any, Callable
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from grouping.pipeline import Pipeline, RateLimited, Unavailable
 
+from .bodies import BadBody, BodyParsers, parse_json_body  # noqa: F401 - parse_json_body: for handlers.api
 from .edge import BodyCut, BodyTimeout, error, json_response
 
 log = logging.getLogger("tocsin.http")
-
-MAX_JSON_DEPTH = 128
-# Bodies up to this size are parsed on the loop (well under a millisecond); larger ones
-# in a thread. Measured on a 1 MB body of 200k empty lists: json.loads 35-75 ms, the old
-# recursive-free depth walk 380 ms, parse_qsl of a 100k-field form 150 ms, all of it on
-# the loop; see bench/loop_lag.py for what remains.
-INLINE_BYTES = 64 * 1024
-
-# A float literal can only overflow to infinity with a 3-digit exponent or 300+ digits;
-# only then is every float checked (parse_float costs a Python call per number).
-_MAY_OVERFLOW = re.compile(rb"[eE][+]?0*[1-9][0-9]{2}|[0-9]{300}")
-# A lone surrogate can only come from a \uD800-\uDFFF escape (strict UTF-8 decoding
-# refuses encoded ones); only then are the parsed strings checked.
-_MAY_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-class BadBody(Exception):
-    """The request body cannot become a payload; carries the HTTP status."""
-
-    def __init__(self, status: int, text: str):
-        super().__init__(text)
-        self.status = status
-
-
-def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when containers nest at most `limit` deep (level by level, without recursion).
-
-    Each level is one list comprehension, so a 200k-container body costs ~20 ms rather
-    than the 380 ms of a per-item stack walk.
-    """
-    level = [value] if isinstance(value, (dict, list)) else []
-    for _ in range(limit):
-        if not level:
-            return True
-        level = [v for c in level for v in (c.values() if type(c) is dict else c)
-                 if type(v) is dict or type(v) is list]
-    return not level
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (math.inf, -math.inf):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def parse_json_body(body: bytes) -> tuple[Any, str]:
-    """(payload, the text as received); BadBody(400) for anything that is not strict JSON:
-    NaN, Infinity, numbers that overflow and lone surrogates are refused, as Grafana
-    OnCall's parser and any SQL store would refuse them."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadBody(400, f"body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
-    kwargs: dict[str, Any] = {"parse_constant": _no_constant}
-    if _MAY_OVERFLOW.search(body):
-        kwargs["parse_float"] = _finite_float
-    try:
-        payload = json.loads(text.lstrip("\ufeff"), **kwargs)
-    except RecursionError:
-        raise BadBody(400, "JSON parse error - nested too deeply") from None
-    except ValueError as exc:
-        raise BadBody(400, f"JSON parse error - {exc}") from None
-    if not isinstance(payload, (dict, list)):
-        raise BadBody(400, "JSON body must be an object or an array")
-    if (body.count(b"[") + body.count(b"{")) > MAX_JSON_DEPTH and not json_depth_ok(payload):
-        raise BadBody(400, f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels")
-    if _MAY_SURROGATE.search(body):
-        check_text(payload)
-    return payload, text
-
-
-def check_text(payload: Any) -> None:
-    """BadBody(400) when a string holds a lone surrogate (a half UTF-16 pair, which no
-    UTF-8 store can keep): one C-speed encode of the whole payload finds it."""
-    try:
-        json.dumps(payload, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as exc:
-        bad = exc.object[exc.start]
-        raise BadBody(400, f"JSON parse error - lone surrogate \\u{ord(bad):04x} in a string"
-                           " (half a UTF-16 pair is not valid Unicode)") from None
-
-
-def parse_form_body(body: bytes) -> tuple[dict, str]:
-    """(payload, its JSON text): last value per key, as Grafana OnCall keeps it."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadBody(400, "form body is not valid UTF-8") from None
-    # Percent-escapes decode with errors="replace": never a lone surrogate.
-    payload = dict(parse_qsl(text, keep_blank_values=True, strict_parsing=False))
-    return payload, json.dumps(payload)
-
-
-def parse_multipart_body(body: bytes, content_type: str) -> tuple[dict, str]:
-    """(payload, its JSON text) of multipart/form-data, through the stdlib MIME parser;
-    BadBody(400) for files and for anything that is not multipart."""
-    head = b"MIME-Version: 1.0\r\nContent-Type: " + content_type.encode("latin-1", "replace") + b"\r\n\r\n"
-    msg = _MIME.parsebytes(head + body)
-    if not msg.is_multipart() or any(isinstance(d, _NO_PARTS) for d in msg.defects):
-        raise BadBody(400, "malformed multipart body: no parts found for its boundary")
-    payload: dict[str, str] = {}
-    for part in msg.get_payload():
-        if part.get_filename() is not None:
-            raise BadBody(400, "File uploads are not allowed")
-        name = part.get_param("name", header="content-disposition")
-        if name is None:
-            continue
-        name = _header_text(collapse_rfc2231_value(name))
-        data = part.get_payload(decode=True) or b""
-        charset = part.get_content_charset() or "utf-8"
-        try:
-            payload[name] = data.decode(charset)
-        except (LookupError, UnicodeDecodeError):
-            raise BadBody(400, f"multipart field '{name}' is not valid {charset}") from None
-        check_text(payload[name])
-    return payload, json.dumps(payload)
-
-
-def _header_text(value: str) -> str:
-    """A MIME header value as text: raw 8-bit bytes (surrogate-escaped by the parser) read as UTF-8."""
-    if value.isascii():
-        return value
-    try:
-        return value.encode("ascii", "surrogateescape").decode("utf-8")
-    except UnicodeError:
-        raise BadBody(400, "multipart field name is not valid UTF-8") from None
-
-
-class _RawHeaders(Compat32):
-    """compat32 handing header values back raw: 8-bit bytes stay surrogate-escaped for
-    _header_text to read as UTF-8 (compat32 would turn them into U+FFFD)."""
-
-    def header_fetch_parse(self, name, value):
-        return value
-
-
-_MIME = BytesParser(policy=_RawHeaders())
-_NO_PARTS = (NoBoundaryInMultipartDefect, StartBoundaryNotFoundDefect)
 
 
 def refuse_declared_length(request: web.Request, limit: int) -> None:
@@ -204,30 +54,16 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def off_loop(size: int, parse: Callable, *args) -> Any:
-    """parse(*args), in a thread when the body is big enough to stall the loop."""
-    if size <= INLINE_BYTES:
-        return parse(*args)
-    return await asyncio.to_thread(parse, *args)
-
-
-async def parse_payload(request: web.Request, limit: int) -> tuple[Any, str | None]:
+async def parse_payload(request: web.Request, limit: int, parsers: BodyParsers) -> tuple[Any, str | None]:
     """The payload a request carries, and its JSON text (None when there is no body)."""
     body = await read_body(request, limit)
     if not body.strip():
         return {}, None  # Grafana OnCall accepts an empty body as {}
-    ctype = request.content_type
-    if ctype == "multipart/form-data":
-        return await off_loop(len(body), parse_multipart_body, body, request.headers.get("Content-Type", ""))
-    parse = _PARSERS.get(ctype)
-    if parse is None and ctype.startswith("application/") and ctype.endswith("+json"):
-        parse = parse_json_body
-    if parse is None:
-        raise BadBody(415, f'Unsupported media type "{ctype}" in request')
-    return await off_loop(len(body), parse, body)
+    return await parsers.parse(request.content_type, body, request.headers.get("Content-Type", ""))
 
 
 _FORM_KEY = "tocsin.form"
+_UI_PARSERS = BodyParsers(workers=0)  # UI forms are small and come from logged-in users: threads
 
 
 async def read_form(request: web.Request, limit: int = 1024 * 1024) -> dict[str, str]:
@@ -239,15 +75,11 @@ async def read_form(request: web.Request, limit: int = 1024 * 1024) -> dict[str,
     """
     if _FORM_KEY in request:
         return request[_FORM_KEY]
+    form: dict[str, str] = {}
     try:
         body = await read_body(request, limit)
-        ctype = request.content_type
-        if ctype == "multipart/form-data" and body.strip():
-            form, _ = await off_loop(len(body), parse_multipart_body, body, request.headers.get("Content-Type", ""))
-        elif ctype == "application/x-www-form-urlencoded":
-            form, _ = await off_loop(len(body), parse_form_body, body)
-        else:
-            form = {}
+        if body.strip() and request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            form, _ = await _UI_PARSERS.parse(request.content_type, body, request.headers.get("Content-Type", ""))
     except BadBody as exc:
         raise _http_error(exc) from None
     request[_FORM_KEY] = form
@@ -255,25 +87,19 @@ async def read_form(request: web.Request, limit: int = 1024 * 1024) -> dict[str,
 
 
 def _http_error(exc: BadBody) -> web.HTTPException:
-    classes = {408: web.HTTPRequestTimeout, 413: web.HTTPRequestEntityTooLarge, 415: web.HTTPUnsupportedMediaType}
     if exc.status == 413:
         return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=str(exc))
+    classes = {408: web.HTTPRequestTimeout, 415: web.HTTPUnsupportedMediaType}
     return classes.get(exc.status, web.HTTPBadRequest)(text=str(exc))
-
-
-_PARSERS = {
-    "application/json": parse_json_body,
-    "application/x-www-form-urlencoded": parse_form_body,
-    "multipart/form-data": parse_multipart_body,
-}
 
 
 class Ingress:
     """The integration endpoints, over whichever pipeline is current."""
 
     def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int, hooks=None,
-                 on_heartbeat=None):
+                 on_heartbeat=None, parsers: BodyParsers | None = None):
         self.get_pipeline = get_pipeline
+        self.parsers = parsers or BodyParsers()
         self.on_heartbeat = on_heartbeat  # optional coroutine (integration, previous state)
         self.max_body_bytes = max_body_bytes
         self.hooks = hooks  # optional: .accepted(integration, n, source), .rejected(integration_id, source, reason)
@@ -286,6 +112,11 @@ class Ingress:
             web.route("*", base + "/heartbeat", self.heartbeat),
             web.route("*", base + "/heartbeat/", self.heartbeat),
         ]
+
+    async def cleanup_ctx(self, app: web.Application):
+        """For app.cleanup_ctx: the body parsers' worker processes end with the app."""
+        yield
+        self.parsers.close()
 
     def _rejected(self, integration_id: str, reason: str) -> None:
         if self.hooks is not None:
@@ -306,7 +137,7 @@ class Ingress:
                 f" (integration '{integration.id}')",
             )
         try:
-            payload, text = await parse_payload(request, self.max_body_bytes)
+            payload, text = await parse_payload(request, self.max_body_bytes, self.parsers)
         except BadBody as exc:
             self._rejected(integration.id, {400: "bad_body", 408: "timeout", 413: "too_large",
                                             415: "content_type"}[exc.status])
