@@ -190,7 +190,36 @@ def _parse_for_transfer(ctype: str, body: bytes, content_type: str) -> tuple[byt
     """In the worker: parse and check everything; hand back the payload marshalled (the
     fastest C loader of plain JSON values) and the JSON text when it is not the body."""
     payload, text = parse_body(ctype, body, content_type)
-    return marshal.dumps(payload), None if _is_json(ctype) else text
+    return _pack(payload), None if _is_json(ctype) else text
+
+
+# The loop builds a big payload in steps of about this much marshal data (~2-4 ms each).
+_PIECE_BYTES = 64 * 1024
+
+
+def _pack(payload: Any) -> list[bytes]:
+    """The payload marshalled in pieces: its top level (dict items, list elements) cut
+    into runs of about _PIECE_BYTES, so the loop can build it in bounded steps."""
+    whole = marshal.dumps(payload)
+    if len(whole) <= _PIECE_BYTES or len(payload) < 2:
+        return [whole]
+    items = list(payload.items()) if isinstance(payload, dict) else payload
+    step = max(1, len(items) * _PIECE_BYTES // len(whole))
+    runs = (items[i:i + step] for i in range(0, len(items), step))
+    return [marshal.dumps(dict(run) if isinstance(payload, dict) else run) for run in runs]
+
+
+async def _unpack(pieces: list[bytes]) -> Any:
+    """The payload from _pack's pieces, yielding to the loop between them."""
+    payload = _unmarshal(pieces[0])
+    for piece in pieces[1:]:
+        await asyncio.sleep(0)
+        part = _unmarshal(piece)
+        if isinstance(payload, dict):
+            payload.update(part)
+        else:
+            payload.extend(part)
+    return payload
 
 
 def _unmarshal(data: bytes) -> Any:
@@ -229,12 +258,12 @@ class BodyParsers:
             return await asyncio.to_thread(parse_body, ctype, body, content_type)
         loop = asyncio.get_running_loop()
         try:
-            data, text = await loop.run_in_executor(self._executor(), _parse_for_transfer, ctype, body, content_type)
+            pieces, text = await loop.run_in_executor(self._executor(), _parse_for_transfer, ctype, body, content_type)
         except BrokenProcessPool:  # a worker died (OOM killer?): start afresh next time
             log.warning("body parser worker died; restarting the pool")
             self.close()
             return await asyncio.to_thread(parse_body, ctype, body, content_type)
-        return _unmarshal(data), text if text is not None else body.decode("utf-8")
+        return await _unpack(pieces), text if text is not None else body.decode("utf-8")
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
