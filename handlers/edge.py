@@ -38,10 +38,6 @@ class BodyTimeout(asyncio.TimeoutError):
     """
 
 
-class BodyCut(ConnectionError):
-    """The client closed its side before sending the whole body."""
-
-
 class Throttled:
     """One log line per kind per interval; the next line says how many were skipped."""
 
@@ -142,11 +138,16 @@ class Connection(RequestHandler):
         # A head that arrived with the EOF starts its request in a moment (and sees
         # _eof then); one that never completes meets the head deadline.
         self.keep_alive(False)
-        if request is None:
-            return True
-        if not request.content.is_eof():
-            request.content.set_exception(BodyCut("client closed the connection before the whole body arrived"))
+        if request is not None and not request.content.is_eof():
+            # No more body can come: readers see the end now (a short body is the
+            # reader's error to report), and aiohttp does not linger for the rest.
+            request.content.feed_eof()
         return True
+
+    @property
+    def half_closed(self) -> bool:
+        """The client shut its sending side (it still reads our answer)."""
+        return self._eof
 
     # --- the head deadline --------------------------------------------------------
 
@@ -331,13 +332,12 @@ async def edge_middleware(request: web.Request, handler) -> web.StreamResponse:
     if conn is not None:
         conn.request_started(request)
     try:
-        return await handler(request)
+        response = await handler(request)
+        if conn is not None and conn.half_closed:
+            response.force_close()  # the client sends nothing more: close once answered
+        return response
     except BodyTimeout as exc:
         resp = error(408, str(exc))
-        resp.force_close()
-        return resp
-    except BodyCut as exc:
-        resp = error(400, str(exc))
         resp.force_close()
         return resp
     except web.HTTPException as exc:

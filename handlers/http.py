@@ -14,7 +14,7 @@ from aiohttp import web
 from grouping.pipeline import Pipeline, RateLimited, Unavailable
 
 from .bodies import BadBody, BodyParsers, parse_json_body  # noqa: F401 - parse_json_body: for handlers.api
-from .edge import BodyCut, BodyTimeout, error, json_response
+from .edge import BodyTimeout, error, json_response
 
 log = logging.getLogger("tocsin.http")
 
@@ -49,8 +49,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             chunks.append(chunk)
     except BodyTimeout as exc:
         raise BadBody(408, str(exc)) from None
-    except BodyCut as exc:
-        raise BadBody(400, str(exc)) from None
+    if length is not None and size < length:
+        raise BadBody(400, f"client closed the connection after {size} of {length} body bytes")
     return b"".join(chunks)
 
 
