@@ -25,9 +25,31 @@ def refuse_declared_length(request: web.Request, limit: int) -> None:
         raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, or BadBody(413) as soon as it passes `limit` bytes, or BadBody(408)
-    when it misses the connection's body deadline (handlers/edge.py)."""
+class BodyBudget:
+    """The bytes all bodies still arriving may hold at once.
+
+    Without it, 2,048 clients that each send 1 MB less a byte and stall pin 2 GB until
+    their body deadline, and the allocator keeps most of it afterwards. A body that does
+    not fit is refused at once with 503 (the sender retries), before it is read.
+    """
+
+    def __init__(self, total: int):
+        self.total, self.held = total, 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.total:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+async def read_body(request: web.Request, limit: int, budget: BodyBudget | None = None) -> bytes:
+    """The whole body, or BadBody: 413 as soon as it passes `limit` bytes, 408 when it
+    misses the connection's body deadline (handlers/edge.py), 400 when the client stops
+    sending, 503 when `budget` cannot hold it while it arrives."""
     refuse_declared_length(request, limit)
     length = request.content_length
     if length is not None:
@@ -38,8 +60,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         chunks, size = [data], len(data)
     else:
         chunks, size = [], 0
+    held = 0
     try:
         while True:
+            need = (length if length is not None else size + 65536) - held
+            if budget is not None and need > 0:
+                if not budget.take(need):
+                    raise BadBody(503, "too many request bodies arriving at once, retry later")
+                held += need
             chunk = await request.content.read(65536)
             if not chunk:
                 break
@@ -49,14 +77,18 @@ async def read_body(request: web.Request, limit: int) -> bytes:
             chunks.append(chunk)
     except BodyTimeout as exc:
         raise BadBody(408, str(exc)) from None
+    finally:
+        if budget is not None:
+            budget.give(held)
     if length is not None and size < length:
         raise BadBody(400, f"client closed the connection after {size} of {length} body bytes")
     return b"".join(chunks)
 
 
-async def parse_payload(request: web.Request, limit: int, parsers: BodyParsers) -> tuple[Any, str | None]:
+async def parse_payload(request: web.Request, limit: int, parsers: BodyParsers,
+                        budget: BodyBudget | None = None) -> tuple[Any, str | None]:
     """The payload a request carries, and its JSON text (None when there is no body)."""
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, budget)
     if not body.strip():
         return {}, None  # Grafana OnCall accepts an empty body as {}
     return await parsers.parse(request.content_type, body, request.headers.get("Content-Type", ""))
@@ -100,6 +132,7 @@ class Ingress:
                  on_heartbeat=None, parsers: BodyParsers | None = None):
         self.get_pipeline = get_pipeline
         self.parsers = parsers or BodyParsers()
+        self.budget = BodyBudget(max(32 * 1024 * 1024, 2 * max_body_bytes))
         self.on_heartbeat = on_heartbeat  # optional coroutine (integration, previous state)
         self.max_body_bytes = max_body_bytes
         self.hooks = hooks  # optional: .accepted(integration, n, source), .rejected(integration_id, source, reason)
@@ -137,11 +170,11 @@ class Ingress:
                 f" (integration '{integration.id}')",
             )
         try:
-            payload, text = await parse_payload(request, self.max_body_bytes, self.parsers)
+            payload, text = await parse_payload(request, self.max_body_bytes, self.parsers, self.budget)
         except BadBody as exc:
             self._rejected(integration.id, {400: "bad_body", 408: "timeout", 413: "too_large",
-                                            415: "content_type"}[exc.status])
-            return error(exc.status, str(exc))
+                                            415: "content_type", 503: "busy"}[exc.status])
+            return error(exc.status, str(exc), headers={"Retry-After": "1"} if exc.status == 503 else None)
         try:
             accepted = await pipeline.ingest(integration, payload, payload_json=text, source="http")
         except RateLimited as exc:
