@@ -221,7 +221,7 @@ class Api:
 
     def paging(self, request: web.Request) -> tuple[int, int, int]:
         try:
-            page = max(1, int(request.query.get("page", "1")))
+            page = min(max(1, int(request.query.get("page", "1"))), 2**31)  # SQLite offsets are 64-bit
             size = min(MAX_PAGE_SIZE, max(1, int(request.query.get("perpage", str(PAGE_SIZE)))))
         except ValueError:
             raise web.HTTPBadRequest(text=json.dumps({"error": "page and perpage must be integers"}),

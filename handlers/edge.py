@@ -335,6 +335,11 @@ async def edge_middleware(request: web.Request, handler) -> web.StreamResponse:
         response = await handler(request)
         if conn is not None and conn.half_closed:
             response.force_close()  # the client sends nothing more: close once answered
+        if request.content.exception() is not None:
+            # The body broke (undecodable, late): close once answered, and end the stream
+            # so aiohttp's lingering read does not raise (and log) the error again.
+            response.force_close()
+            request.content.feed_eof()
         return response
     except BodyTimeout as exc:
         resp = error(408, str(exc))

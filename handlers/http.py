@@ -19,6 +19,11 @@ from .edge import BodyTimeout, error, json_response
 log = logging.getLogger("tocsin.http")
 
 
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines)[:200]
+
+
 def refuse_declared_length(request: web.Request, limit: int) -> None:
     """BadBody(413) before reading, when Content-Length already says the body is too big."""
     if request.content_length is not None and request.content_length > limit:
@@ -54,7 +59,10 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget | None 
     length = request.content_length
     if length is not None:
         # The common case: the whole body already arrived with the headers.
-        data = request.content.read_nowait(-1)
+        try:
+            data = request.content.read_nowait(-1)
+        except web.RequestPayloadError as exc:
+            raise BadBody(400, f"body cannot be read: {_first_line(str(exc))}") from None
         if len(data) == length:
             return data
         chunks, size = [data], len(data)
@@ -77,10 +85,12 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget | None 
             chunks.append(chunk)
     except BodyTimeout as exc:
         raise BadBody(408, str(exc)) from None
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
+        raise BadBody(400, f"body cannot be read: {_first_line(str(exc))}") from None
     finally:
         if budget is not None:
             budget.give(held)
-    if length is not None and size < length:
+    if length is not None and size < length and "Content-Encoding" not in request.headers:
         raise BadBody(400, f"client closed the connection after {size} of {length} body bytes")
     return b"".join(chunks)
 

@@ -343,3 +343,26 @@ def test_http_durations_accept_numbers_and_strings(tmp_path):
 def test_bad_http_durations_are_config_errors(tmp_path, text):
     with pytest.raises(ConfigError):
         http_config(tmp_path, text)
+
+
+# --- nothing a sender can reach answers 500 ----------------------------------------
+
+
+async def test_undecodable_content_encoding_is_400_and_logs_no_traceback(tocsin, caplog):
+    import gzip
+
+    caplog.set_level(logging.INFO)
+    head = (f"POST /integrations/v1/webhook/{TOKEN['wh']}/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Encoding: gzip\r\nContent-Length: {n}\r\n\r\n")
+    status, body = split(await exchange(tocsin.daemon.http_port, head.format(n=5).encode() + b"hello"))
+    assert status == 400 and "content-encoding" in body["error"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    packed = gzip.compress(b'{"alert_uid": "zipped"}')
+    status, body = split(await exchange(tocsin.daemon.http_port, head.format(n=len(packed)).encode() + packed))
+    assert status == 200 and body["alert_id"]
+
+
+@pytest.mark.parametrize("query", ["page=99999999999999999999999", "perpage=-5&page=0", "page=abc"])
+async def test_api_paging_never_500(tocsin, query):
+    status, body = await tocsin.api("GET", f"alert_groups/?{query}")
+    assert status in (200, 400) and isinstance(body, dict)
