@@ -353,7 +353,7 @@ async def test_undecodable_content_encoding_is_400_and_logs_no_traceback(tocsin,
 
     caplog.set_level(logging.INFO)
     head = (f"POST /integrations/v1/webhook/{TOKEN['wh']}/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            "Content-Encoding: gzip\r\nContent-Length: {n}\r\n\r\n")
+            "Content-Encoding: gzip\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n")
     status, body = split(await exchange(tocsin.daemon.http_port, head.format(n=5).encode() + b"hello"))
     assert status == 400 and "content-encoding" in body["error"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
