@@ -4,7 +4,8 @@ Starts `python -m daemon serve` on 127.0.0.1, then for each kind of body (1 MB J
 200k empty lists, 1 MB JSON of small objects, a 100k-field form, a 10k-field multipart)
 sends them from 4 concurrent clients (in a child process, so they never delay the probe)
 while a probe GETs /healthz every 10 ms on its own keep-alive connection. A /healthz answer is ~1 ms on an idle loop, so its worst latency
-is the worst time the loop was held. Prints healthz p50/p99/max per kind and the RSS.
+is the worst time the loop was held. Prints healthz p50/p99/max per kind, the daemon's
+RSS and that of its body parser processes.
 
     .venv/bin/python bench/loop_lag.py [--bodies 6] [--concurrency 4] [--kind webhook]
 """
@@ -26,6 +27,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from http_ingest import rss_mib, start  # noqa: E402
 
 TOKEN = "lag-token-0000001"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under pid (the body parser workers and their forkserver)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").iterdir():
+            kids = [int(k) for k in (task / "children").read_text().split()]
+            out += kids
+            todo += kids
+    return out
+
+
+def workers_rss(pid: int) -> float:
+    total = 0.0
+    for child in descendants(pid):
+        try:
+            total += rss_mib(child)[0]
+        except (OSError, KeyError):
+            pass
+    return total
 
 
 def bodies() -> dict[str, tuple[bytes, str]]:
@@ -107,7 +130,7 @@ async def run(port: int, pid: int, args) -> None:
         await task
         print(f"{name:<34}{json.dumps(codes):>12}{elapsed:>6.1f}{statistics.median(lat):>8.1f}"
               f"{pct(lat, .99):>8.1f}{max(lat):>8.1f}{rss_mib(pid)[0]:>9.1f}")
-    print(f"peak RSS {rss_mib(pid)[1]:.1f} MiB")
+    print(f"daemon peak RSS {rss_mib(pid)[1]:.1f} MiB; its body parser processes now {workers_rss(pid):.1f} MiB")
 
 
 def main() -> None:

@@ -148,7 +148,8 @@ class Daemon:
                                      keepalive_timeout=c.http.keepalive_timeout)
         await self._runner.setup()
         site = GatedSite(self._runner, c.http.host, c.http.port, max_connections=c.http.max_connections,
-                         header_timeout=c.http.header_timeout, body_timeout=c.http.body_timeout)
+                         header_timeout=c.http.header_timeout, body_timeout=c.http.body_timeout,
+                         on_refused=lambda reason: self.metrics.rejected("", "http", reason))
         await site.start()
         self.http_port = self._runner.addresses[0][1]
         self._http_listen = (c.http.host, c.http.port)

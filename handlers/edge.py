@@ -301,10 +301,12 @@ class GatedSite(web.BaseSite):
     """A TCP site whose connections come from a ConnectionGate."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
-                 header_timeout: float = 10.0, body_timeout: float = 30.0, backlog: int = 1024):
+                 header_timeout: float = 10.0, body_timeout: float = 30.0, backlog: int = 1024,
+                 on_refused=None):
         super().__init__(runner, backlog=backlog)
         self._host, self._port = host, port
         self.max_connections, self.header_timeout, self.body_timeout = max_connections, header_timeout, body_timeout
+        self.on_refused = on_refused  # optional callable(reason): busy, header_timeout, malformed
         self.gate: ConnectionGate | None = None
 
     @property
@@ -314,7 +316,8 @@ class GatedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         self.gate = ConnectionGate(self._runner.server, limit=self.max_connections,
-                                   header_timeout=self.header_timeout, body_timeout=self.body_timeout)
+                                   header_timeout=self.header_timeout, body_timeout=self.body_timeout,
+                                   on_refused=self.on_refused)
         self._server = await asyncio.get_running_loop().create_server(
             self.gate, self._host, self._port, backlog=self._backlog, reuse_address=True
         )

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from grouping.pipeline import Pipeline, RateLimited, Unavailable
 
-from .bodies import BadBody, BodyParsers, parse_json_body  # noqa: F401 - parse_json_body: for handlers.api
+from .bodies import BadBody, BodyParsers, GcPause, parse_json_body  # noqa: F401 - parse_json_body: for handlers.api
 from .edge import BodyTimeout, error, json_response
 
 log = logging.getLogger("tocsin.http")
@@ -96,12 +96,12 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget | None 
 
 
 async def parse_payload(request: web.Request, limit: int, parsers: BodyParsers,
-                        budget: BodyBudget | None = None) -> tuple[Any, str | None]:
+                        budget: BodyBudget | None = None, pause: GcPause | None = None) -> tuple[Any, str | None]:
     """The payload a request carries, and its JSON text (None when there is no body)."""
     body = await read_body(request, limit, budget)
     if not body.strip():
         return {}, None  # Grafana OnCall accepts an empty body as {}
-    return await parsers.parse(request.content_type, body, request.headers.get("Content-Type", ""))
+    return await parsers.parse(request.content_type, body, request.headers.get("Content-Type", ""), pause)
 
 
 _FORM_KEY = "tocsin.form"
@@ -166,6 +166,10 @@ class Ingress:
             self.hooks.rejected(integration_id, "http", reason)
 
     async def receive(self, request: web.Request) -> web.Response:
+        with GcPause() as pause:  # held while a big payload lives (handlers/bodies.py)
+            return await self._receive(request, pause)
+
+    async def _receive(self, request: web.Request, pause: GcPause) -> web.Response:
         pipeline = self.get_pipeline()
         integration = pipeline.by_token(request.match_info["token"])
         if integration is None:
@@ -180,13 +184,14 @@ class Ingress:
                 f" (integration '{integration.id}')",
             )
         try:
-            payload, text = await parse_payload(request, self.max_body_bytes, self.parsers, self.budget)
+            payload, text = await parse_payload(request, self.max_body_bytes, self.parsers, self.budget, pause)
         except BadBody as exc:
             self._rejected(integration.id, {400: "bad_body", 408: "timeout", 413: "too_large",
                                             415: "content_type", 503: "busy"}[exc.status])
             return error(exc.status, str(exc), headers={"Retry-After": "1"} if exc.status == 503 else None)
         try:
             accepted = await pipeline.ingest(integration, payload, payload_json=text, source="http")
+            del payload  # freed before the pause ends: the collector never walks it
         except RateLimited as exc:
             self._rejected(integration.id, "rate_limited")
             return error(429, f"{exc} for integration '{integration.id}'",
