@@ -13,6 +13,7 @@ import logging
 import marshal
 import math
 import re
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -282,6 +283,11 @@ def _unmarshal(data: bytes) -> Any:
             gc.enable()
 
 
+def _quiet_worker() -> None:
+    """A worker leaves Ctrl-C to the daemon (which shuts the pool down), no traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BodyParsers:
     """Where bodies are parsed: small ones inline, big ones in worker processes.
 
@@ -321,7 +327,8 @@ class BodyParsers:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # forkserver: the workers never inherit the daemon's threads or sockets.
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("forkserver"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("forkserver"),
+                                             initializer=_quiet_worker)
         return self._pool
 
     def close(self) -> None:
