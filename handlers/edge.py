@@ -110,6 +110,7 @@ class Connection(RequestHandler):
         self._request: web.BaseRequest | None = None
         self._head_bytes = False   # some of the next request head has arrived
         self._eof = False
+        self._last_body = None     # the previous request's body: aiohttp may still drain it
 
     # --- asyncio protocol -------------------------------------------------------
 
@@ -123,7 +124,7 @@ class Connection(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if data and self._request is None:
+        if data and self._request is None and (self._last_body is None or self._last_body.is_eof()):
             self._head_bytes = True
             if self._head_timer is None:
                 self._arm_head()
@@ -184,6 +185,8 @@ class Connection(RequestHandler):
             self.eof_received()
 
     def request_finished(self) -> None:
+        if self._request is not None:
+            self._last_body = self._request.content
         self._request = None
         self._body_arrived()
         self._gate.waiting(self)

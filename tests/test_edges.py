@@ -370,3 +370,16 @@ async def test_undecodable_content_encoding_is_400_and_logs_no_traceback(tocsin,
 async def test_api_paging_never_500(tocsin, query):
     status, body = await tocsin.api("GET", f"alert_groups/?{query}")
     assert status in (200, 400) and isinstance(body, dict)
+
+
+async def test_unread_body_then_idle_is_closed_quietly_not_408(start_tocsin):
+    """A refused request whose body aiohttp drains afterwards is not a late head."""
+    h = await start_tocsin(http_extra=FAST.replace('keepalive_timeout = "2s"', 'keepalive_timeout = "3s"'))
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.daemon.http_port)
+    writer.write(post_head("no-such-token", 20000))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO)
+    assert head.startswith(b"HTTP/1.1 403")
+    writer.write(b"x" * 20000)  # the rest of the body, after the answer
+    rest = await asyncio.wait_for(reader.read(), IO)  # until the keep-alive deadline closes it
+    assert b"408" not in rest
+    writer.close()
