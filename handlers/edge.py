@@ -47,6 +47,7 @@ class Throttled:
         self._skipped: dict[str, int] = {}
 
     def warning(self, kind: str, text: str, *, level: int = logging.WARNING, exc_info: Any = None) -> None:
+        """Log `text` unless a line of this kind went out less than `interval` ago."""
         now = time.monotonic()
         if now - self._last.get(kind, -1e9) < self.interval:
             self._skipped[kind] = self._skipped.get(kind, 0) + 1
@@ -170,6 +171,7 @@ class Connection(RequestHandler):
     # --- called by edge_middleware ------------------------------------------------
 
     def request_started(self, request: web.BaseRequest) -> None:
+        """The head is parsed: stop the head deadline, start the body deadline."""
         self._request = request
         self._head_bytes = False
         if self._head_timer is not None:
@@ -185,6 +187,7 @@ class Connection(RequestHandler):
             self.eof_received()
 
     def request_finished(self) -> None:
+        """The handler answered: the connection waits for its next request."""
         if self._request is not None:
             self._last_body = self._request.content
         self._request = None
@@ -284,18 +287,22 @@ class ConnectionGate:
         return True
 
     def busy(self, conn: Connection) -> None:
+        """The connection is inside a request: not evictable."""
         self._waiting.pop(conn, None)
 
     def waiting(self, conn: Connection) -> None:
+        """The connection waits for its next request: last in line for eviction."""
         if conn in self._open:
             self._waiting.pop(conn, None)
             self._waiting[conn] = None  # to the back of the line
 
     def closed(self, conn: Connection) -> None:
+        """The connection is gone (or evicted): its slot is free."""
         self._open.discard(conn)
         self._waiting.pop(conn, None)
 
     def refused(self, reason: str) -> None:
+        """Count a refusal (busy, header_timeout, malformed) in the metrics hook."""
         if self.on_refused is not None:
             self.on_refused(reason)
 

@@ -5,7 +5,6 @@ hands the payload to the pipeline and maps the outcome to a status (CONTRACT §4
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Callable
 
@@ -104,7 +103,7 @@ async def parse_payload(request: web.Request, limit: int, parsers: BodyParsers,
     return await parsers.parse(request.content_type, body, request.headers.get("Content-Type", ""), pause)
 
 
-_FORM_KEY = "tocsin.form"
+_FORM_KEY = web.RequestKey("tocsin.form", dict)
 _UI_PARSERS = BodyParsers(workers=0)  # UI forms are small and come from logged-in users: threads
 
 
