@@ -36,6 +36,19 @@ async def exchange(port: int, data: bytes, *, shut: bool = False) -> bytes:
         writer.close()
 
 
+async def first_answer(port: int, data: bytes) -> tuple[int, dict]:
+    """Send raw bytes, read one response (head and Content-Length body), bounded."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        return split(head + await asyncio.wait_for(reader.readexactly(length), IO))
+    finally:
+        writer.close()
+
+
 def split(answer: bytes) -> tuple[int, dict]:
     head, _, body = answer.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -383,3 +396,32 @@ async def test_unread_body_then_idle_is_closed_quietly_not_408(start_tocsin):
     rest = await asyncio.wait_for(reader.read(), IO)  # until the keep-alive deadline closes it
     assert b"408" not in rest
     writer.close()
+
+
+@pytest.mark.parametrize("text,word", [
+    ('{"pad": "' + "x" * 100_000 + '", "v": NaN}', "NaN"),
+    ('{"pad": "' + "x" * 100_000 + '", "t": "\\udfff"}', "lone surrogate"),
+    ('[' + "[" * 200 + "]" * 200 + ',"' + "x" * 100_000 + '"]', "nested deeper"),
+])
+async def test_big_bodies_parsed_in_a_worker_are_refused_alike(tocsin, text, word):
+    status, body = await tocsin.post("fw", text)
+    assert status == 400 and word in body["error"]
+    assert await stored(tocsin) == 0
+
+
+async def test_stalled_uploads_share_a_bounded_budget(start_tocsin):
+    """Bodies still arriving may hold 32 MiB in all; past that a new one gets 503 at once."""
+    h = await start_tocsin(http_extra='body_timeout = "60s"\nmax_body_bytes = 1000000')
+    held = []
+    for _ in range(33):  # 33 x 1,000,000 declared bytes fit in 32 MiB
+        r, w = await asyncio.open_connection("127.0.0.1", h.daemon.http_port)
+        w.write(post_head(TOKEN["fw"], 1_000_000) + b'{"a": "')
+        held.append((r, w))
+    await asyncio.sleep(0.3)
+    status, body = await first_answer(h.daemon.http_port, post_head(TOKEN["fw"], 1_000_000) + b'{"a": "')
+    assert status == 503 and "retry" in body["error"]
+    for _, w in held:
+        w.close()
+    await asyncio.sleep(0.3)
+    big = json.dumps({"alert_uid": "after", "pad": "x" * 500_000})
+    assert (await h.post("fw", big))[0] == 200
