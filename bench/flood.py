@@ -1,9 +1,11 @@
 """Flood benchmark: tocsin's memory under 2,000 idle connections, 2,000 slow clients,
-and a burst at 10x an integration's rate limit.
+200 clients that stall one byte short of a 900 KB body, and a burst at 10x an
+integration's rate limit.
 
-    .venv/bin/python bench/flood.py [--connections 2000] [--limit 1000]
+    .venv/bin/python bench/flood.py [--connections 2000] [--nearly 200] [--limit 1000]
 
-Prints RSS (MiB) at each stage and what the burst got: 200s, 429s, alerts/s.
+Prints RSS (MiB) at each stage, what the stalled uploads were answered, and what the
+burst got: 200s, 429s, alerts/s.
 """
 from __future__ import annotations
 
@@ -50,6 +52,29 @@ async def hold_slow(port: int, n: int) -> list:
     return conns
 
 
+async def hold_nearly(port: int, n: int) -> tuple[list, dict]:
+    """Clients that send all of a 900 KB body but its last byte, and stall."""
+    conns, answers = [], {}
+    head = (f"POST /integrations/v1/formatted_webhook/{OTHER}/ HTTP/1.1\r\nHost: x\r\n"
+            "Content-Type: application/json\r\nContent-Length: 900001\r\n\r\n").encode()
+    body = b'{"a": "' + b"x" * (900000 - 7)
+    for _ in range(n):
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+            w.write(head + body)
+            conns.append((r, w))
+        except (OSError, asyncio.TimeoutError):
+            break
+    await asyncio.sleep(2)
+    for r, _ in conns:  # those refused at once have their answer waiting
+        try:
+            line = await asyncio.wait_for(r.readline(), 0.01)
+            answers[line[9:12].decode() or "closed"] = answers.get(line[9:12].decode() or "closed", 0) + 1
+        except asyncio.TimeoutError:
+            answers["waiting"] = answers.get("waiting", 0) + 1
+    return conns, answers
+
+
 def close_all(conns) -> None:
     for c in conns:
         c[1].close()
@@ -93,6 +118,12 @@ async def run(port: int, pid: int, args) -> None:
     close_all(slow)
     await asyncio.sleep(1)
     show("after they left")
+    nearly, answers = await hold_nearly(port, args.nearly)
+    show(f"{len(nearly)} stalled 1 byte short of 900 KB")
+    print(f"  their answers meanwhile: {answers}")
+    close_all(nearly)
+    await asyncio.sleep(1)
+    show("after they left")
     result = await burst(port, args.limit * 10)
     show(f"after a burst of {args.limit * 10} (limit {args.limit}/1m)")
     print(f"burst answers: {result['codes']}, {result['rate']:.0f} requests/s; "
@@ -102,6 +133,7 @@ async def run(port: int, pid: int, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--connections", type=int, default=2000)
+    ap.add_argument("--nearly", type=int, default=200)
     ap.add_argument("--limit", type=int, default=1000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,8 @@ from grouping.routes import compile_route
 from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration
 from grouping.templates import TemplateCompileError, compile_template
 from handlers.api import Api
-from handlers.http import GatedSite, Ingress
+from handlers.edge import GatedSite, edge_middleware
+from handlers.http import Ingress
 from handlers.metrics import Metrics
 from handlers.pagerduty import PagerDutyEvents
 from escalation.engine import Engine
@@ -137,13 +138,14 @@ class Daemon:
             max_body_bytes=c.http.max_body_bytes,
             hooks=self.metrics,
         )
-        app = web.Application(client_max_size=c.http.max_body_bytes)
+        app = web.Application(client_max_size=c.http.max_body_bytes, middlewares=[edge_middleware])
+        ingress = Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
+                          on_heartbeat=self.engine.heartbeat_received)
         # Before Ingress: its /integrations/v1/{kind}/{token} would match the pagerduty URL too.
         app.add_routes(PagerDutyEvents(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
-                                       body_timeout=c.http.body_timeout).routes())
-        app.add_routes(Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
-                               body_timeout=c.http.body_timeout,
-                               on_heartbeat=self.engine.heartbeat_received).routes())
+                                       parsers=ingress.parsers, budget=ingress.budget).routes())
+        app.add_routes(ingress.routes())
+        app.cleanup_ctx.append(ingress.cleanup_ctx)
         app.add_routes(api.routes())
         app.add_routes([
             web.get("/healthz", self.healthz),
@@ -186,9 +188,12 @@ class Daemon:
         await self.store.open()
         self.pipeline = self._make_pipeline(self.config)
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
-                                     shutdown_timeout=c.daemon.shutdown_timeout)
+                                     shutdown_timeout=c.daemon.shutdown_timeout,
+                                     keepalive_timeout=c.http.keepalive_timeout)
         await self._runner.setup()
-        site = GatedSite(self._runner, c.http.host, c.http.port, max_connections=c.http.max_connections)
+        site = GatedSite(self._runner, c.http.host, c.http.port, max_connections=c.http.max_connections,
+                         header_timeout=c.http.header_timeout, body_timeout=c.http.body_timeout,
+                         on_refused=lambda reason: self.metrics.rejected("", "http", reason))
         await _listen("HTTP", c.http.host, c.http.port, site.start())
         self.http_port = self._runner.addresses[0][1]
         self._http_listen = (c.http.host, c.http.port)

@@ -45,7 +45,9 @@ class HttpConfig:
     port: int
     max_body_bytes: int = 1024 * 1024
     max_connections: int = 2048
-    body_timeout: float = 30.0
+    body_timeout: float = 30.0        # seconds from the request head to the body's last byte
+    header_timeout: float = 10.0      # seconds to send a whole request head
+    keepalive_timeout: float = 75.0   # seconds an idle keep-alive connection stays open
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,9 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
     host, port = parse_listen(h.get("listen", str, "127.0.0.1:8080"), "[http]", problems)
     http = HttpConfig(host=host, port=port, max_body_bytes=h.positive("max_body_bytes", 1024 * 1024),
                       max_connections=h.positive("max_connections", 2048),
-                      body_timeout=h.duration("body_timeout", 30.0))
+                      body_timeout=h.duration("body_timeout", 30.0),
+                      header_timeout=h.duration("header_timeout", 10.0),
+                      keepalive_timeout=h.duration("keepalive_timeout", 75.0))
     h.finish()
 
     smtp = None

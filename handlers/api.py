@@ -14,6 +14,7 @@ from grouping.views import (MAX_PAGE, STATES, alert_json, group_story, groups_js
                             parse_time)
 from store import Group, InvalidTransition, NotFound, StoreUnavailable
 
+from .edge import json_response
 from .http import BadBody, error, parse_json_body, read_body
 
 PAGE_SIZE = 50
@@ -82,7 +83,7 @@ class Api:
 
     async def list_integrations(self, request: web.Request) -> web.Response:
         items = [self.integration_json(i) for i in self.get_pipeline().integrations.values()]
-        return web.json_response(self.page(request, len(items), items, *self.paging(request)[1:], slice_=True))
+        return json_response(self.page(request, len(items), items, *self.paging(request)[1:], slice_=True))
 
     def _integration(self, request) -> Integration:
         i = self.get_pipeline().by_id(request.match_info["id"])
@@ -92,7 +93,7 @@ class Api:
         return i
 
     async def get_integration(self, request: web.Request) -> web.Response:
-        return web.json_response(self.integration_json(self._integration(request)))
+        return json_response(self.integration_json(self._integration(request)))
 
     async def preview(self, request: web.Request) -> web.Response:
         """What `tocsin render` prints for the payload, with `templates` (config names) in
@@ -117,7 +118,7 @@ class Api:
             except IntegrationError as exc:
                 return error(400, str(exc))
         results = await self.get_pipeline().preview(integration, body["payload"])
-        return web.json_response(preview_json(results))
+        return json_response(preview_json(results))
 
     async def maintenance_start(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
@@ -132,7 +133,7 @@ class Api:
                                               body.get("mode"), body.get("duration"))
         except (ActionError, InvalidTransition) as exc:
             return error(400, str(exc))
-        return web.json_response(self.integration_json(integration))
+        return json_response(self.integration_json(integration))
 
     async def maintenance_stop(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
@@ -140,7 +141,7 @@ class Api:
             await lifecycle.maintenance_stop(self.get_pipeline().store, integration.id)
         except InvalidTransition as exc:
             return error(400, str(exc))
-        return web.json_response(self.integration_json(integration))
+        return json_response(self.integration_json(integration))
 
     # -- alert groups ----------------------------------------------------------------
 
@@ -188,13 +189,13 @@ class Api:
             state=state, integration_id=q.get("integration_id"), group_id=q.get("id"),
             route_id=q.get("route_id"), since=since, until=until, limit=size, offset=offset,
         )
-        return web.json_response(self.page(request, count, await self.group_json(groups), page, size))
+        return json_response(self.page(request, count, await self.group_json(groups), page, size))
 
     async def get_group(self, request: web.Request) -> web.Response:
         g = await self.get_pipeline().store.get_group(request.match_info["id"])
         if g is None:
             return error(404, "Alert group not found")
-        return web.json_response((await self.group_json([g]))[0])
+        return json_response((await self.group_json([g]))[0])
 
     async def group_action(self, request: web.Request) -> web.Response:
         action = request.match_info["action"]
@@ -211,7 +212,9 @@ class Api:
             return error(404, str(exc))
         except (ActionError, InvalidTransition) as exc:
             return error(400, str(exc))
-        return web.json_response((await self.group_json([g]))[0])
+        except StoreUnavailable as exc:
+            return error(503, f"storage unavailable, retry later: {exc}", headers={"Retry-After": "5"})
+        return json_response((await self.group_json([g]))[0])
 
     async def timeline(self, request: web.Request) -> web.Response:
         """The group's story: creation and route, escalation steps, every notification
@@ -224,7 +227,7 @@ class Api:
         escalation = story["escalation"]
         if escalation is not None:
             escalation["due_at"] = iso(escalation["due_at"])
-        return web.json_response({
+        return json_response({
             "alert_group_id": g.id, "state": g.state, "escalation": escalation,
             "notifications": [{**n, "created_at": iso(n["created_at"])} for n in story["notifications"]],
             "results": [{**e, "at": iso(e["at"])} for e in story["entries"]],
@@ -238,7 +241,7 @@ class Api:
             alert_group_id=request.query.get("alert_group_id"),
             integration_id=request.query.get("integration_id"), limit=size, offset=offset,
         )
-        return web.json_response(self.page(request, count, [alert_json(a) for a in alerts], page, size))
+        return json_response(self.page(request, count, [alert_json(a) for a in alerts], page, size))
 
 
 async def _optional_json(request: web.Request, limit: int = 65536):

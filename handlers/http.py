@@ -5,69 +5,23 @@ hands the payload to the pipeline and maps the outcome to a status (CONTRACT §4
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from typing import Any, Callable
-from urllib.parse import parse_qsl
 
 from aiohttp import web
 
 from grouping.pipeline import Pipeline, RateLimited, Unavailable
 from store import InvalidWrite
 
+from .bodies import BadBody, BodyParsers, GcPause, parse_json_body  # noqa: F401 - parse_json_body: for handlers.api
+from .edge import BodyTimeout, error, json_response
+
 log = logging.getLogger("tocsin.http")
 
-MAX_JSON_DEPTH = 128
 
-
-def error(status: int, text: str, headers: dict | None = None) -> web.Response:
-    """Every refusal is JSON `{"error": …}`."""
-    return web.json_response({"error": text}, status=status, headers=headers)
-
-
-class BadBody(Exception):
-    """The request body cannot become a payload; carries the HTTP status."""
-
-    def __init__(self, status: int, text: str):
-        super().__init__(text)
-        self.status = status
-
-
-def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when containers nest at most `limit` deep (checked without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
-    return True
-
-
-def parse_json_body(body: bytes) -> tuple[Any, str]:
-    """(payload, the text as received); BadBody(400) for anything that is not JSON."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadBody(400, f"body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
-    try:
-        payload = json.loads(text.lstrip("\ufeff"))
-    except RecursionError:
-        raise BadBody(400, "JSON parse error - nested too deeply") from None
-    except ValueError as exc:
-        raise BadBody(400, f"JSON parse error - {exc}") from None
-    if not isinstance(payload, (dict, list)):
-        raise BadBody(400, "JSON body must be an object or an array")
-    if (body.count(b"[") + body.count(b"{")) > MAX_JSON_DEPTH and not json_depth_ok(payload):
-        raise BadBody(400, f"JSON parse error - nested deeper than {MAX_JSON_DEPTH} levels")
-    return payload, text
-
-
-BODY_TIMEOUT = 30.0
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines)[:200]
 
 
 def refuse_declared_length(request: web.Request, limit: int) -> None:
@@ -76,74 +30,121 @@ def refuse_declared_length(request: web.Request, limit: int) -> None:
         raise BadBody(413, f"body of {request.content_length} bytes is over the limit of {limit} bytes")
 
 
-async def read_body(request: web.Request, limit: int, timeout: float = BODY_TIMEOUT) -> bytes:
-    """The whole body, or BadBody(413) as soon as it passes `limit` bytes, or BadBody(408)
-    when it takes longer than `timeout` to arrive (a stalled client frees its slot)."""
+class BodyBudget:
+    """The bytes all bodies still arriving may hold at once.
+
+    Without it, 2,048 clients that each send 1 MB less a byte and stall pin 2 GB until
+    their body deadline, and the allocator keeps most of it afterwards. A body that does
+    not fit is refused at once with 503 (the sender retries), before it is read.
+    """
+
+    def __init__(self, total: int):
+        self.total, self.held = total, 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.total:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
+async def read_body(request: web.Request, limit: int, budget: BodyBudget | None = None) -> bytes:
+    """The whole body, or BadBody: 413 as soon as it passes `limit` bytes, 408 when it
+    misses the connection's body deadline (handlers/edge.py), 400 when the client stops
+    sending, 503 when `budget` cannot hold it while it arrives."""
     refuse_declared_length(request, limit)
     length = request.content_length
     if length is not None:
         # The common case: the whole body already arrived with the headers.
-        data = request.content.read_nowait(-1)
+        try:
+            data = request.content.read_nowait(-1)
+        except web.RequestPayloadError as exc:
+            raise BadBody(400, f"body cannot be read: {_first_line(str(exc))}") from None
         if len(data) == length:
             return data
         chunks, size = [data], len(data)
     else:
         chunks, size = [], 0
+    held = 0
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                chunk = await request.content.read(65536)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise BadBody(413, f"body is over the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise BadBody(408, f"body not received within {timeout:g} s") from None
+        while True:
+            need = (length if length is not None else size + 65536) - held
+            if budget is not None and need > 0:
+                if not budget.take(need):
+                    raise BadBody(503, "too many request bodies arriving at once, retry later")
+                held += need
+            chunk = await request.content.read(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise BadBody(413, f"body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except BodyTimeout as exc:
+        raise BadBody(408, str(exc)) from None
+    except web.RequestPayloadError as exc:  # e.g. a Content-Encoding that does not decode
+        raise BadBody(400, f"body cannot be read: {_first_line(str(exc))}") from None
+    finally:
+        if budget is not None:
+            budget.give(held)
+    if length is not None and size < length and "Content-Encoding" not in request.headers:
+        raise BadBody(400, f"client closed the connection after {size} of {length} body bytes")
     return b"".join(chunks)
 
 
-async def parse_payload(request: web.Request, limit: int, timeout: float = BODY_TIMEOUT) -> tuple[Any, str | None]:
-    """The payload a request carries, and its JSON text when it came as JSON."""
-    ctype = request.content_type
-    if ctype == "multipart/form-data":
-        refuse_declared_length(request, limit)
-        try:
-            form = await request.post()
-        except web.HTTPRequestEntityTooLarge:
-            raise BadBody(413, f"body is over the limit of {limit} bytes") from None
-        except (ValueError, AssertionError) as exc:
-            raise BadBody(400, f"malformed multipart body: {exc}") from None
-        payload = {}
-        for key, value in form.items():
-            if isinstance(value, web.FileField):
-                raise BadBody(400, "File uploads are not allowed")
-            payload[key] = value
-        return payload, None
-    body = await read_body(request, limit, timeout)
+async def parse_payload(request: web.Request, limit: int, parsers: BodyParsers,
+                        budget: BodyBudget | None = None, pause: GcPause | None = None) -> tuple[Any, str | None]:
+    """The payload a request carries, and its JSON text (None when there is no body)."""
+    body = await read_body(request, limit, budget)
     if not body.strip():
         return {}, None  # Grafana OnCall accepts an empty body as {}
-    if ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json")):
-        return parse_json_body(body)
-    if ctype == "application/x-www-form-urlencoded":
-        try:
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-        except UnicodeDecodeError:
-            raise BadBody(400, "form body is not valid UTF-8") from None
-        return dict(pairs), None  # last value per key, as Grafana OnCall keeps it
-    raise BadBody(415, f'Unsupported media type "{ctype}" in request')
+    return await parsers.parse(request.content_type, body, request.headers.get("Content-Type", ""), pause)
+
+
+_FORM_KEY = web.RequestKey("tocsin.form", dict)
+_UI_PARSERS = BodyParsers(workers=0)  # UI forms are small and come from logged-in users: threads
+
+
+async def read_form(request: web.Request, limit: int = 1024 * 1024) -> dict[str, str]:
+    """A form body (urlencoded or multipart, no files) read like an integration body:
+    bounded, under the connection's body deadline, parsed off the loop when big.
+
+    The UI's replacement for `await request.post()` (which parses on the loop); read once
+    per request, so a middleware and the handler can both ask. HTTP errors as aiohttp's.
+    """
+    if _FORM_KEY in request:
+        return request[_FORM_KEY]
+    form: dict[str, str] = {}
+    try:
+        body = await read_body(request, limit)
+        if body.strip() and request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+            form, _ = await _UI_PARSERS.parse(request.content_type, body, request.headers.get("Content-Type", ""))
+    except BadBody as exc:
+        raise _http_error(exc) from None
+    request[_FORM_KEY] = form
+    return form
+
+
+def _http_error(exc: BadBody) -> web.HTTPException:
+    if exc.status == 413:
+        return web.HTTPRequestEntityTooLarge(max_size=0, actual_size=0, text=str(exc))
+    classes = {408: web.HTTPRequestTimeout, 415: web.HTTPUnsupportedMediaType}
+    return classes.get(exc.status, web.HTTPBadRequest)(text=str(exc))
 
 
 class Ingress:
     """The integration endpoints, over whichever pipeline is current."""
 
     def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int, hooks=None,
-                 body_timeout: float = BODY_TIMEOUT, on_heartbeat=None):
+                 on_heartbeat=None, parsers: BodyParsers | None = None):
         self.get_pipeline = get_pipeline
+        self.parsers = parsers or BodyParsers()
+        self.budget = BodyBudget(max(32 * 1024 * 1024, 2 * max_body_bytes))
         self.on_heartbeat = on_heartbeat  # optional coroutine (integration, previous state)
         self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
         self.hooks = hooks  # optional: .accepted(integration, n, source), .rejected(integration_id, source, reason)
 
     def routes(self) -> list[web.RouteDef]:
@@ -155,11 +156,20 @@ class Ingress:
             web.route("*", base + "/heartbeat/", self.heartbeat),
         ]
 
+    async def cleanup_ctx(self, app: web.Application):
+        """For app.cleanup_ctx: the body parsers' worker processes end with the app."""
+        yield
+        self.parsers.close()
+
     def _rejected(self, integration_id: str, reason: str) -> None:
         if self.hooks is not None:
             self.hooks.rejected(integration_id, "http", reason)
 
     async def receive(self, request: web.Request) -> web.Response:
+        with GcPause() as pause:  # held while a big payload lives (handlers/bodies.py)
+            return await self._receive(request, pause)
+
+    async def _receive(self, request: web.Request, pause: GcPause) -> web.Response:
         pipeline = self.get_pipeline()
         integration = pipeline.by_token(request.match_info["token"])
         if integration is None:
@@ -174,13 +184,14 @@ class Ingress:
                 f" (integration '{integration.id}')",
             )
         try:
-            payload, text = await parse_payload(request, self.max_body_bytes, self.body_timeout)
+            payload, text = await parse_payload(request, self.max_body_bytes, self.parsers, self.budget, pause)
         except BadBody as exc:
             self._rejected(integration.id, {400: "bad_body", 408: "timeout", 413: "too_large",
-                                            415: "content_type"}[exc.status])
-            return error(exc.status, str(exc))
+                                            415: "content_type", 503: "busy"}[exc.status])
+            return error(exc.status, str(exc), headers={"Retry-After": "1"} if exc.status == 503 else None)
         try:
             accepted = await pipeline.ingest(integration, payload, payload_json=text, source="http")
+            del payload  # freed before the pause ends: the collector never walks it
         except RateLimited as exc:
             self._rejected(integration.id, "rate_limited")
             return error(429, f"{exc} for integration '{integration.id}'",
@@ -192,10 +203,13 @@ class Ingress:
         except InvalidWrite as exc:  # this alert only, and for good: not worth a retry
             self._rejected(integration.id, "invalid")
             return error(400, f"cannot store this alert: {exc}")
+        if not accepted:
+            # Only a legacy grafana body with an empty `alerts` list makes no alert. A 200
+            # would say "stored"; say instead that nothing was there to store.
+            self._rejected(integration.id, "bad_body")
+            return error(400, 'the body holds no alerts (its "alerts" list is empty): nothing stored')
         if self.hooks is not None:
             self.hooks.accepted(integration, len(accepted), "http")
-        if not accepted:
-            return web.json_response({"alerts": []})
         first = accepted[0]
         body = {"alert_id": first.alert_id, "alert_group_id": first.alert_group_id,
                 "grouping_key": first.grouping_key}
@@ -204,7 +218,7 @@ class Ingress:
                 {"alert_id": a.alert_id, "alert_group_id": a.alert_group_id, "grouping_key": a.grouping_key}
                 for a in accepted
             ]
-        return web.json_response(body)
+        return json_response(body)
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         if request.method not in ("GET", "POST", "HEAD"):
@@ -222,79 +236,4 @@ class Ingress:
                 await self.on_heartbeat(integration, previous)
         except Exception as exc:  # noqa: BLE001 - any storage trouble means "retry"
             return error(503, f"storage unavailable, retry later: {exc}", headers={"Retry-After": "5"})
-        return web.json_response(":)")
-
-
-_BUSY = json.dumps({"error": "too many connections, retry later"}).encode()
-_BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-    b"Connection: close\r\nContent-Length: " + str(len(_BUSY)).encode() + b"\r\n\r\n" + _BUSY
-)
-
-
-class _Refused(asyncio.Protocol):
-    """Answers 503 and hangs up: the connection cap is reached."""
-
-    def connection_made(self, transport) -> None:
-        transport.write(_BUSY_RESPONSE)
-        transport.close()
-
-
-class _Counted(asyncio.Protocol):
-    """An aiohttp connection, counted while it lives."""
-
-    def __init__(self, inner: asyncio.Protocol, gate: "ConnectionGate"):
-        self._inner, self._gate = inner, gate
-
-    def connection_made(self, transport) -> None:
-        self._gate.active += 1
-        self._inner.connection_made(transport)
-
-    def connection_lost(self, exc) -> None:
-        self._gate.active -= 1
-        self._inner.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self._inner.data_received(data)
-
-    def eof_received(self):
-        return self._inner.eof_received()
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-
-class ConnectionGate:
-    """A protocol factory that caps open HTTP connections, so memory stays bounded."""
-
-    def __init__(self, factory, limit: int):
-        self._factory, self.limit, self.active = factory, limit, 0
-
-    def __call__(self) -> asyncio.Protocol:
-        if self.active >= self.limit:
-            return _Refused()
-        return _Counted(self._factory(), self)
-
-
-class GatedSite(web.BaseSite):
-    """A TCP site whose connections pass through a ConnectionGate."""
-
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, max_connections: int,
-                 backlog: int = 1024):
-        super().__init__(runner, backlog=backlog)
-        self._host, self._port, self.max_connections = host, port, max_connections
-        self.gate: ConnectionGate | None = None
-
-    @property
-    def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        await super().start()
-        self.gate = ConnectionGate(self._runner.server, self.max_connections)
-        self._server = await asyncio.get_running_loop().create_server(
-            self.gate, self._host, self._port, backlog=self._backlog, reuse_address=True
-        )
+        return json_response(":)")

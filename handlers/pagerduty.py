@@ -14,7 +14,11 @@ from aiohttp import web
 
 from grouping.pipeline import Integration, Pipeline, RateLimited, Unavailable
 
-from .http import BODY_TIMEOUT, BadBody, parse_json_body, read_body
+from store import InvalidWrite
+
+from .bodies import BadBody, BodyParsers, GcPause
+from .edge import json_response
+from .http import BodyBudget, read_body
 
 KIND = "pagerduty"
 ACTIONS = ("trigger", "acknowledge", "resolve")
@@ -110,17 +114,19 @@ def _refusal(status: int, errors: list[str], *, state: str = "invalid event",
              message: str = "Event object is invalid", headers: dict | None = None) -> web.Response:
     # PagerDuty's error shape; `error` too, as every refusal under /integrations/ carries it.
     body = {"status": state, "message": message, "errors": errors, "error": "; ".join(errors)}
-    return web.json_response(body, status=status, headers=headers)
+    return json_response(body, status=status, headers=headers)
 
 
 class PagerDutyEvents:
     """The two PagerDuty endpoints, over whichever pipeline is current."""
 
-    def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int,
-                 body_timeout: float = BODY_TIMEOUT, hooks=None):
+    def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int, parsers: BodyParsers,
+                 budget: BodyBudget | None = None, hooks=None):
         self.get_pipeline = get_pipeline
         self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
+        # The integration endpoints' own body parsers and budget (handlers/http.Ingress): big
+        # bodies are parsed off the loop, and stalled uploads share one bound.
+        self.parsers, self.budget = parsers, budget
         self.hooks = hooks  # optional: .accepted(integration, n, source), .rejected(integration_id, source, reason)
 
     def routes(self) -> list[web.RouteDef]:
@@ -138,10 +144,11 @@ class PagerDutyEvents:
 
     async def _event(self, request: web.Request) -> Any:
         """The JSON body, whatever the Content-Type says (PagerDuty reads JSON only); BadBody else."""
-        body = await read_body(request, self.max_body_bytes, self.body_timeout)
+        body = await read_body(request, self.max_body_bytes, self.budget)
         if not body.strip():
             raise BadBody(400, "JSON parse error - the body is empty")
-        return parse_json_body(body)[0]
+        with GcPause() as pause:
+            return (await self.parsers.parse("application/json", body, "application/json", pause))[0]
 
     async def enqueue(self, request: web.Request) -> web.Response:
         """`POST /v2/enqueue`: the body's routing_key names the integration."""
@@ -208,8 +215,11 @@ class PagerDutyEvents:
             self._rejected(integration.id, "unavailable")
             return _refusal(503, [f"storage unavailable, retry later: {exc}"], state="unavailable",
                             message="Event not stored", headers={"Retry-After": str(exc.retry_after)})
+        except InvalidWrite as exc:  # this event only, and for good
+            self._rejected(integration.id, "invalid")
+            return _refusal(400, [f"cannot store this event: {exc}"])
         if self.hooks is not None:
             self.hooks.accepted(integration, len(accepted), "http")
         # An acknowledge or resolve without an open alert is dropped, yet answered 202 (as PagerDuty does).
-        return web.json_response(
+        return json_response(
             {"status": "success", "message": "Event processed", "dedup_key": payload["dedup_key"]}, status=202)

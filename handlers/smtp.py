@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -30,6 +31,27 @@ _AIOSMTPD_LOG = "mail.log"
 # end of DATA is a permanent failure: a lost alert. Accept lines up to this.
 _LINE_LIMIT = 64 * 1024
 _MAX_REPLY_IDS = 3
+
+
+# RFC 3463 codes for replies written without one (aiosmtpd's own, mostly).
+_ENHANCED_FOR = {
+    "211": "2.0.0", "214": "2.0.0", "220": "2.0.0", "221": "2.0.0", "250": "2.0.0", "252": "2.5.0",
+    "421": "4.4.2", "450": "4.2.0", "451": "4.3.0", "452": "4.5.3", "454": "4.7.0",
+    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4", "530": "5.7.0",
+    "550": "5.1.1", "552": "5.3.4", "553": "5.1.3", "554": "5.7.1", "555": "5.5.4",
+}
+_HAS_ENHANCED = re.compile(r"\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
+
+
+def enhanced(reply: str) -> str:
+    """The reply with an RFC 2034 enhanced status code after the 3-digit one, if it had none.
+
+    3xx replies (354, 334) take none.
+    """
+    if len(reply) < 3 or reply[0] not in "245" or _HAS_ENHANCED.match(reply):
+        return reply
+    code, sep, text = reply[:3], reply[3:4] or " ", reply[4:]
+    return f"{code}{sep}{_ENHANCED_FOR.get(code, reply[0] + '.0.0')} {text}".rstrip()
 
 
 class SmtpIngress:
@@ -229,7 +251,10 @@ class MailHandler:
         session.host_name = hostname  # what aiosmtpd does itself when there is no hook
         # No SMTP AUTH: the token in the address is the credential, and aiosmtpd's
         # default mechanisms (offered after STARTTLS) would refuse every login.
-        return [r for r in responses if not r.startswith("250-AUTH")]
+        kept = [r for r in responses if not r.startswith("250-AUTH")]
+        # aiosmtpd reads pipelined commands in order; every reply carries an enhanced
+        # code (_Session.push). Both go before the last line ("250 HELP").
+        return kept[:-1] + ["250-PIPELINING", "250-ENHANCEDSTATUSCODES"] + kept[-1:]
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if len(envelope.rcpt_tos) >= self.ingress.settings.max_recipients:
@@ -300,11 +325,41 @@ class _Session(SMTP):
         self._ingress = ingress
         self.in_data = False
         self._counting = False  # replies to RCPT and DATA are counted by code
+        self._greeted = False   # the 220 greeting goes out as it is
+        self._plain = False     # inside EHLO / HELO
 
     async def push(self, status: Any) -> None:
-        if self._counting and isinstance(status, str) and not status.startswith("354"):
-            self._ingress.record("smtp_reply", status[:3])
+        if isinstance(status, str):
+            if self._greeted and not self._plain:
+                status = enhanced(status)
+            self._greeted = True
+            if self._counting and not status.startswith("354"):
+                self._ingress.record("smtp_reply", status[:3])
         await super().push(status)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._plain = True  # RFC 2034: the EHLO lines carry no enhanced codes
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._plain = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._plain = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._plain = False
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._tls_protocol is not None:
+            # aiosmtpd would start a second handshake inside the first one.
+            await self.push("503 5.5.1 Already running TLS")
+            return
+        await super().smtp_STARTTLS(arg)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import shutil
 import signal
 import smtplib
@@ -531,6 +532,141 @@ async def test_junk_and_broken_mail_never_crash_the_session(door):
     assert len(pipeline.calls) == len(junk)
     for items, _, _ in pipeline.calls:
         json.dumps(items[0][1])  # storable
+
+
+# --- enhanced status codes, PIPELINING, STARTTLS inside TLS ---------------------------
+
+ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+async def test_ehlo_advertises_pipelining_and_enhanced_status_codes(door):
+    ingress, _ = await door()
+    client = await Client.connect(ingress.port)
+    code, text = await client.cmd("EHLO client.example.net")
+    await client.close()
+    assert code == 250
+    lines = [line[4:] for line in text.splitlines()]
+    assert "PIPELINING" in lines and "ENHANCEDSTATUSCODES" in lines
+    assert text.splitlines()[-1].startswith("250 ")
+
+
+async def test_every_reply_after_the_greeting_carries_an_enhanced_code(door):
+    ingress, _ = await door(max_recipients=1)
+    client = await Client.connect(ingress.port)
+    replies = [("before EHLO", await client.cmd("MAIL FROM:<a@b>"))]
+    assert (await client.cmd("EHLO client.example.net"))[0] == 250  # EHLO lines: plain (RFC 2034)
+    for line in ["NOOP", "MAIL FROM:<a@b>", "RSET", "DATA", "FOO", "MAIL FROM:", "RCPT TO:<x@y>",
+                 "VRFY", "VRFY someone", "EXPN x", "HELP", "HELP MAIL", "STARTTLS",
+                 "MAIL FROM:<a@b>", "MAIL FROM:<a@b>", f"RCPT TO:<nobody@{DOMAIN}>",
+                 f"RCPT TO:<{MAIL_A.token}@{DOMAIN}>", f"RCPT TO:<{MAIL_B.token}@{DOMAIN}>",
+                 "MAIL FROM:<a@b> SIZE=99999999", "X" * 70000, "RSET",
+                 "MAIL FROM:<a@b> SIZE=99999999"]:
+        try:
+            replies.append((line[:30], await client.cmd(line)))
+        except ConnectionError:
+            break
+    code, text = await client.cmd("QUIT")
+    replies.append(("QUIT", (code, text)))
+    await client.close()
+    for line, (code, text) in replies:
+        for reply in text.splitlines():
+            assert ENHANCED.match(reply), (line, reply)
+    codes = {line: code for line, (code, _) in replies}
+    assert codes["before EHLO"] == 503 and codes["FOO"] == 500 and codes["DATA"] == 503
+    assert codes["MAIL FROM:"] == 501
+    assert codes[f"RCPT TO:<nobody@{DOMAIN}>"[:30]] == 550
+
+
+async def test_refused_data_replies_carry_enhanced_codes(door):
+    ingress, pipeline = await door(max_message_bytes=1000)
+    client = await Client.connect(ingress.port)
+    code, text = await client.send([f"{MAIL_A.token}@{DOMAIN}"], SIMPLE + b"x" * 5000 + b"\n")
+    assert code == 552 and ENHANCED.match(text) and " 5.3.4 " in text, text
+    pipeline.fail = Unavailable("down")
+    code, text = await client.send([f"{MAIL_A.token}@{DOMAIN}"], SIMPLE)
+    assert code == 451 and " 4.3.0 " in text, text
+    await client.close()
+
+
+async def test_helo_client_gets_a_plain_helo_reply_then_enhanced_codes(door):
+    ingress, _ = await door()
+    client = await Client.connect(ingress.port)
+    assert client.greeting[0] == 220
+    code, text = await client.cmd("HELO client.example.net")
+    assert code == 250 and not ENHANCED.match(text)
+    code, text = await client.cmd("MAIL FROM:<a@b>")
+    assert code == 250 and ENHANCED.match(text)
+    await client.close()
+
+
+async def test_starttls_inside_tls_is_503(door, cert_pair):
+    cert, key = cert_pair
+    ingress, _ = await door(tls_cert=cert, tls_key=key)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+
+    def client() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", ingress.port, timeout=IO_TIMEOUT) as smtp:
+            smtp.starttls(context=context)
+            smtp.ehlo()
+            assert not smtp.has_extn("starttls")
+            answer = smtp.docmd("STARTTLS")
+            assert smtp.noop()[0] == 250  # the session goes on
+            return answer
+
+    code, text = await asyncio.wait_for(asyncio.to_thread(client), 20)
+    assert code == 503 and text.startswith(b"5.5.1")
+
+
+async def test_pipelined_transaction_gets_every_reply_in_order(door):
+    ingress, pipeline = await door()
+    reader, writer = await asyncio.open_connection("127.0.0.1", ingress.port)
+    await asyncio.wait_for(reader.readline(), IO_TIMEOUT)
+    writer.write((f"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<{MAIL_A.token}@{DOMAIN}>\r\n"
+                  f"RCPT TO:<nobody@{DOMAIN}>\r\nDATA\r\n").encode())
+    codes = []
+    while len(codes) < 5:
+        line = await asyncio.wait_for(reader.readline(), IO_TIMEOUT)
+        if line[3:4] == b" ":
+            codes.append(int(line[:3]))
+    assert codes == [250, 250, 250, 550, 354]
+    writer.write(wire(SIMPLE) + b".\r\nQUIT\r\n")
+    assert (await asyncio.wait_for(reader.readline(), IO_TIMEOUT)).startswith(b"250 2.0.0")
+    writer.close()
+    assert len(pipeline.calls) == 1
+
+
+# --- mail decoding never hands the store a lone surrogate --------------------------------
+
+NASTY_MAILS = [
+    b"Subject: caf\xe9 \xff\n\xe9X-Odd\xff: v\xe9\nX-\xff\xfe: 1\nFrom: \xe9 <a@b>\n\nbody \xff\xfe\n",
+    b"Subject: =?utf-7?Q?+2AA-?=\nContent-Type: text/plain; charset=utf-7\n\n+2AA- lone\n",
+    b"Subject: =?utf-16-le?B?ANg=?=\nContent-Type: text/plain; charset=utf-16-le\n"
+    b"Content-Transfer-Encoding: base64\n\nANgA3A==\n",
+    b"Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: application/octet-stream;"
+    b" name=\"\xe9\xff.bin\"\nContent-Disposition: attachment; filename*=utf-7''+2AA-.bin\n\nxx\n--b--\n",
+    b"From: \"\xff\" <\xe9@\xff.example>\nTo: \xff@x, =?utf-7?Q?+2AA-?= <a@b>\nMessage-ID: <\xff@x>\n\nx\n",
+]
+
+
+def strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from strings(v)
+
+
+@pytest.mark.parametrize("raw", NASTY_MAILS)
+def test_decoded_mail_is_valid_unicode(raw):
+    for data in (raw, raw.replace(b"\n", b"\r\n")):
+        payload = parse_message(data)
+        for text in strings(payload):
+            text.encode("utf-8")  # a lone surrogate would raise here (and in the store)
 
 
 # --- end to end: the daemon, a real database -------------------------------------------

@@ -27,6 +27,7 @@ from grouping.views import (
     parse_time,
     routes_view,
 )
+from handlers.http import read_form
 from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
 
 from . import editor
@@ -182,7 +183,7 @@ class Views:
                 given = request.headers.get(CSRF_HEADER)
                 if given is None and request.content_type in ("application/x-www-form-urlencoded",
                                                               "multipart/form-data"):
-                    given = (await request.post()).get(CSRF_FIELD)
+                    given = (await read_form(request)).get(CSRF_FIELD)
                 if not self.sessions.csrf_ok(session, given if isinstance(given, str) else None):
                     return self._headers(self.page(request, "error.html", status=403, title="Forbidden",
                                                    message="This form has expired or did not come from tocsin"
@@ -270,7 +271,7 @@ class Views:
         return response
 
     async def login(self, request: web.Request) -> web.Response:
-        form = await request.post()
+        form = await read_form(request)
         nonce = request.cookies.get(LOGIN_COOKIE)
         given = form.get("_login")
         if not nonce or not isinstance(given, str) or not same(nonce, given):
@@ -328,7 +329,7 @@ class Views:
     async def maintenance_start(self, request: web.Request) -> web.Response:
         """Start maintenance through the same function as the API (same checks, title, refusals)."""
         i = self._integration(request)
-        form = await request.post()
+        form = await read_form(request)
         mode, duration = form.get("mode"), str(form.get("duration", ""))
         # The form offers OnCall's choices only; the range itself is lifecycle's to say.
         if mode not in dict(MAINTENANCE_MODES):
@@ -385,7 +386,7 @@ class Views:
 
     async def templates_save(self, request: web.Request) -> web.Response:
         i = self._integration(request)
-        form = await request.post()
+        form = await read_form(request)
         edited = self._edited(i, {n: form.get(f"tpl_{n}") for n in TEMPLATE_NAMES})
         errors = editor.compile_errors(edited)
         if errors:
@@ -647,7 +648,7 @@ class Views:
 
     async def groups_bulk(self, request: web.Request) -> web.Response:
         """One action on every selected group; says how many it changed and why others refused."""
-        form = await request.post()
+        form = await read_form(request)
         back = _local(str(form.get("next", "")))
         action = str(form.get("action", ""))
         if action not in BULK_ACTIONS:
@@ -713,7 +714,7 @@ class Views:
 
     async def group_action(self, request: web.Request) -> web.Response:
         """Acknowledge, resolve, silence, …: lifecycle.act, as the API and the CLI call it."""
-        form = await request.post()
+        form = await read_form(request)
         group_id, action = request.match_info["id"], request.match_info["action"]
         # Settled before anything is done: a bad `next` falls back to the group's page
         # rather than failing the redirect after the action has been committed.
