@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_TOKEN, ROOT, TOKEN, integration, parse_log_line, write_config
+from conftest import API_TOKEN, INTEGRATIONS, ROOT, TOKEN, integration, parse_log_line, write_config
 from daemon import config as cfg
 from daemon.logs import JsonFormatter, LogfmtFormatter
 from grouping.durations import parse_duration
@@ -212,7 +212,7 @@ def test_logfmt_lines_carry_fields(spawn, tmp_path):
     fields = parse_log_line(ready)
     assert fields["msg"] == "tocsin ready" and fields["level"] == "info" and fields["logger"] == "tocsin"
     assert fields["http"] == f"127.0.0.1:{proc.http_port}" and fields["smtp"] == "off"
-    assert fields["integrations"] == "9" and fields["version"] == metadata.version("tocsin")
+    assert fields["integrations"] == str(len(INTEGRATIONS)) and fields["version"] == metadata.version("tocsin")
     # A refused reload: its problems are one field, quoted because they hold spaces and quotes.
     path.write_text(path.read_text().replace("[http]", '[http]\nbody_timeout = "a while"'))
     proc.proc.send_signal(signal.SIGHUP)
@@ -229,7 +229,7 @@ def test_json_lines_carry_fields_as_keys(spawn, tmp_path):
     proc = spawn(path)
     events = [json.loads(line) for line in proc.output if line.strip()]
     [ready] = [e for e in events if e["msg"] == "tocsin ready"]
-    assert ready["http"] == f"127.0.0.1:{proc.http_port}" and ready["integrations"] == 9
+    assert ready["http"] == f"127.0.0.1:{proc.http_port}" and ready["integrations"] == len(INTEGRATIONS)
     path.write_text(path.read_text().replace('log_format = "json"', 'log_format = "json"\nretention = "soon"\n'
                                              'shutdown_timeout = "-1s"'))
     proc.proc.send_signal(signal.SIGHUP)
