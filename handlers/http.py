@@ -5,10 +5,13 @@ hands the payload to the pipeline and maps the outcome to a status (CONTRACT §4
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Callable
+from urllib.parse import parse_qsl
 
 from aiohttp import web
+from multidict import MultiDict
 
 from grouping.pipeline import Pipeline, RateLimited, Unavailable
 from store import InvalidWrite
@@ -104,24 +107,33 @@ async def parse_payload(request: web.Request, limit: int, parsers: BodyParsers,
     return await parsers.parse(request.content_type, body, request.headers.get("Content-Type", ""), pause)
 
 
-_FORM_KEY = web.RequestKey("tocsin.form", dict)
+_FORM_KEY = web.RequestKey("tocsin.form", MultiDict)
 _UI_PARSERS = BodyParsers(workers=0)  # UI forms are small and come from logged-in users: threads
+_INLINE_FORM_BYTES = 64 * 1024
 
 
-async def read_form(request: web.Request, limit: int = 1024 * 1024) -> dict[str, str]:
+def _form_pairs(body: bytes) -> MultiDict:
+    return MultiDict(parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+async def read_form(request: web.Request, limit: int = 1024 * 1024) -> MultiDict:
     """A form body (urlencoded or multipart, no files) read like an integration body:
-    bounded, under the connection's body deadline, parsed off the loop when big.
+    bounded, under the connection's body deadline, parsed off the loop when big. Every
+    value of a repeated field is kept (`getall`: the UI's bulk form sends one per group).
 
     The UI's replacement for `await request.post()` (which parses on the loop); read once
     per request, so a middleware and the handler can both ask. HTTP errors as aiohttp's.
     """
     if _FORM_KEY in request:
         return request[_FORM_KEY]
-    form: dict[str, str] = {}
+    form: MultiDict = MultiDict()
     try:
         body = await read_body(request, limit)
-        if body.strip() and request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-            form, _ = await _UI_PARSERS.parse(request.content_type, body, request.headers.get("Content-Type", ""))
+        if body.strip() and request.content_type == "application/x-www-form-urlencoded":
+            form = _form_pairs(body) if len(body) <= _INLINE_FORM_BYTES else await asyncio.to_thread(_form_pairs, body)
+        elif body.strip() and request.content_type == "multipart/form-data":
+            fields, _ = await _UI_PARSERS.parse(request.content_type, body, request.headers.get("Content-Type", ""))
+            form = MultiDict(fields)
     except BadBody as exc:
         raise _http_error(exc) from None
     request[_FORM_KEY] = form
