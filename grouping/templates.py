@@ -13,9 +13,7 @@ import threading
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from time import monotonic
-from zoneinfo import ZoneInfo
 
 import jinja2
 import regex
@@ -26,6 +24,8 @@ from jinja2.runtime import new_context
 from jinja2.sandbox import SandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup
+
+from . import timefilters
 
 MAX_TEMPLATE_LENGTH = 50_000
 MAX_RESULT_LENGTH = 50_000
@@ -405,93 +405,6 @@ def _b64decode(value):
         return None
 
 
-# Django's parse_datetime fallback grammar, for what fromisoformat rejects
-# (single-digit fields, comma fractions, space before the offset).
-_LOOSE_DATETIME = re.compile(
-    r"(?P<year>\d{4})-(?P<month>\d{1,2})-(?P<day>\d{1,2})"
-    r"[T ](?P<hour>\d{1,2}):(?P<minute>\d{1,2})"
-    r"(?::(?P<second>\d{1,2})(?:[.,](?P<fraction>\d{1,6})\d{0,6})?)?"
-    r"\s*(?P<tz>Z|[+-]\d{2}(?::?\d{2})?)?$",
-    re.ASCII,
-)
-
-
-def _parse_datetime(value: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        pass
-    match = _LOOSE_DATETIME.match(value)
-    if match is None:
-        return None
-    parts = match.groupdict()
-    tz = parts.pop("tz")
-    fraction = parts.pop("fraction")
-    fields = {k: int(v) for k, v in parts.items() if v is not None}
-    fields["microsecond"] = int(fraction.ljust(6, "0")) if fraction else 0
-    tzinfo = None
-    if tz == "Z":
-        tzinfo = timezone.utc
-    elif tz is not None:
-        minutes = int(tz[1:3]) * 60 + (int(tz[-2:]) if len(tz) > 3 else 0)
-        tzinfo = timezone(timedelta(minutes=-minutes if tz[0] == "-" else minutes))
-    return datetime(**fields, tzinfo=tzinfo)
-
-
-def _iso8601_to_time(value):
-    try:
-        return _parse_datetime(value)
-    except _EXPECTED:
-        return None
-
-
-def _datetimeformat(value, format="%H:%M / %d-%m-%Y"):
-    try:
-        return value.strftime(format)
-    except _EXPECTED:
-        return None
-
-
-def _datetimeformat_as_timezone(value, format="%H:%M / %d-%m-%Y", tz="UTC"):
-    # An unknown zone raises ZoneInfoNotFoundError, a KeyError: a Template Warning, as in OnCall.
-    try:
-        return value.astimezone(ZoneInfo(tz)).strftime(format)
-    except _EXPECTED:
-        return None
-
-
-def _datetimeparse(value, format="%H:%M / %d-%m-%Y"):
-    try:
-        return datetime.strptime(value, format)
-    except _EXPECTED:
-        return None
-
-
-_TIMEDELTA = re.compile(r"^([-+]?)(\d+)([smhdwMQy])$")
-_TIMEDELTA_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def _timedeltaparse(value):
-    try:
-        match = _TIMEDELTA.match(value)
-        if match is None:
-            return None
-        sign, amount, unit = match.groups()
-        if unit not in _TIMEDELTA_UNITS:
-            return None  # months, quarters and years have no fixed length
-        delta = timedelta(**{_TIMEDELTA_UNITS[unit]: int(amount)})
-        return -delta if sign == "-" else delta
-    except _EXPECTED:
-        return None
-
-
-def _timestamp_to_datetime(value):
-    try:
-        return datetime.fromtimestamp(value)
-    except _EXPECTED:
-        return None
-
-
 def _with_regex_timeout(run):
     """Run a regex call under min(2 s, the remaining budget).
 
@@ -541,10 +454,6 @@ def _regex_match(context, value, pattern):
 @pass_context
 def _regex_search(context, value, pattern):
     return _with_regex_timeout(lambda timeout: bool(regex.search(pattern, value, timeout=timeout)))
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def _range(*args):
@@ -725,7 +634,7 @@ def _build_environment() -> _Sandbox:
     )
     env.globals.pop("lipsum", None)
     env.globals["range"] = _range
-    env.globals["time"] = _now
+    env.globals["time"] = timefilters.now
     builtin = dict(env.filters)
     env.filters.update(_guarded_builtins(builtin))
     env.filters.update(
@@ -733,12 +642,12 @@ def _build_environment() -> _Sandbox:
         json_dumps=_json_dumps,
         parse_json=_parse_json,
         b64decode=_b64decode,
-        iso8601_to_time=_iso8601_to_time,
-        datetimeformat=_datetimeformat,
-        datetimeformat_as_timezone=_datetimeformat_as_timezone,
-        datetimeparse=_datetimeparse,
-        timedeltaparse=_timedeltaparse,
-        timestamp_to_datetime=_timestamp_to_datetime,
+        iso8601_to_time=timefilters.iso8601_to_time,
+        datetimeformat=timefilters.datetimeformat,
+        datetimeformat_as_timezone=timefilters.datetimeformat_as_timezone,
+        datetimeparse=timefilters.datetimeparse,
+        timedeltaparse=timefilters.timedeltaparse,
+        timestamp_to_datetime=timefilters.timestamp_to_datetime,
         regex_replace=_regex_replace,
         regex_match=_regex_match,
         regex_search=_regex_search,
