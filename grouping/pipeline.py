@@ -133,6 +133,13 @@ def _appearance(outcome: Outcome) -> str | None:
     return None if text is None or text == "None" or text == "" else text
 
 
+def _as_oncall_passes(outcome: Outcome | None) -> str | None:
+    if outcome is None:
+        return None
+    text = outcome.text if outcome.error is None else outcome.error
+    return None if text == "None" else text
+
+
 def decide(
     integration: Integration,
     payload: Any,
@@ -182,7 +189,8 @@ def decide(
     variables = {
         "payload": payload,
         "integration_name": integration.name,
-        "source_link": source_link,
+        # As Grafana OnCall passes it: an empty rendering stays "", only "None" is None.
+        "source_link": _as_oncall_passes(link),
         "alert_group_id": alert_group_id,
         "grafana_oncall_alert_group_id": alert_group_id,
         "grafana_oncall_incident_id": alert_group_id,

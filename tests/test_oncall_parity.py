@@ -106,3 +106,41 @@ def test_time_filters_render_as_oncall_whatever_the_host_tz(tz):
         if got != want
     ]
     assert mismatches == []
+
+
+# (From header values, the sender Grafana OnCall derives: django-anymail 12.0's from_email,
+# falling back to ", ".join(get_all("From")) on AnymailInvalidAddress, as inbound.py does)
+SENDER_CASES = [
+    (["'Alex Smith' <test@example.com>"], 'test@example.com'),
+    (['"\'Alex Smith\' via [TEST] mail" <test@example.com>'], 'test@example.com'),
+    (["'Alex Smith' via [TEST] mail <test@example.com>"], '"\'Alex Smith\' via"'),
+    (['not an address'], '"not an address"'),
+    (['a@b, c'], 'a@b, c'),
+    (['<>'], '<>'),
+    (['@'], '<>'),
+    (['Foo Bar <foo@bar'], 'foo@bar'),
+    (['a@example.com', 'b@example.com'], 'a@example.com'),
+    (['undisclosed-recipients:;'], 'undisclosed-recipients:;'),
+    (['=?utf-8?q?M=C3=BCller=2C_Anna?= <anna@example.de>'], 'anna@example.de'),
+    (['a@example.com, b@example.com'], 'a@example.com'),
+    (['<bounce@example.com>'], 'bounce@example.com'),
+    (['root (Cron Daemon)'], 'root'),
+    (['"quoted@local"@example.com'], '"quoted@local"@example.com'),
+    (['Name <a@b> trailing'], 'a@b'),
+    (['foo@bar.com (Foo Bar)'], 'foo@bar.com'),
+    (['Jürgen <j@example.de>'], 'j@example.de'),
+    (['x <y@z>, broken'], 'x <y@z>, broken'),
+    (['Group: a@b.c, d@e.f;'], 'a@b.c'),
+    (['  spaced@example.com  '], 'spaced@example.com'),
+]
+
+
+@pytest.mark.parametrize("from_values, sender", SENDER_CASES)
+def test_sender_of_a_mail_is_what_oncall_derives(from_values, sender):
+    head = "".join(f"From: {v}\n" for v in from_values)
+    assert parse_message(f"{head}Subject: s\n\nbody\n".encode("utf-8"))["sender"] == sender
+
+
+def test_mail_without_a_from_value_has_an_empty_sender():
+    # OnCall fails with a 500 here (from_email is None); tocsin keeps the alert.
+    assert parse_message(b"From: \nSubject: s\n\nbody\n")["sender"] == ""
