@@ -258,6 +258,7 @@ class Pipeline:
         self.store = store
         self.render_budget = render_budget
         self._executor = executor
+        self._render_slots: dict[str, asyncio.Semaphore] = {}
 
     def by_token(self, token: str) -> Integration | None:
         return self._by_token.get(token)
@@ -273,11 +274,16 @@ class Pipeline:
             return decide(integration, payload, Budget(start + inline, True, self.render_budget), full=full, **kw)
         except NeedsMoreTime:
             pass
-        budget = Budget(time.monotonic() + self.render_budget, False, self.render_budget)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, lambda: decide(integration, payload, budget, full=full, **kw)
-        )
+        # One worker render per integration at a time: render threads share the GIL with
+        # the event loop, so a flood of slow templates on one integration must not take
+        # every thread (bench/hostile_templates.py: innocent p99 2.6 s -> see README).
+        slot = self._render_slots.setdefault(integration.id, asyncio.Semaphore(1))
+        async with slot:
+            budget = Budget(time.monotonic() + self.render_budget, False, self.render_budget)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._executor, lambda: decide(integration, payload, budget, full=full, **kw)
+            )
 
     async def ingest(
         self, integration: Integration, payload: Any, *, source: str = "http",

@@ -448,10 +448,9 @@ def test_comparisons_are_checkpoints():
 def test_catastrophic_regex_ends_at_the_budget():
     # `regex` copes with (a+)+$ by itself; (a|aa)+$ still backtracks exponentially.
     assert text("{{ v|regex_search('(a+)+$') }}", v="a" * 40 + "!") == "False"
-    started = time.monotonic()
+    # The budget ends it (OnCall's own 2 s regex timeout would give None and go on).
     outcome = run("{{ v|regex_search('(a|aa)+$') }}", 1.0, v="a" * 40 + "!")
     assert outcome == Outcome(None, "Template Error: render exceeded its time budget of 1.0 s")
-    assert time.monotonic() - started < 1.9  # the budget, not OnCall's 2 s regex timeout
 
 
 def test_regex_timeout_within_a_large_budget_gives_none():
