@@ -13,7 +13,7 @@ import threading
 import types
 from collections.abc import Iterator, Mapping, Sized
 from dataclasses import dataclass
-from time import monotonic
+from time import monotonic, sleep
 
 import jinja2
 import regex
@@ -95,14 +95,47 @@ class _RenderState(threading.local):
     emitted = 0
     built = 0  # bytes charged by _charge
     inline = False  # on the event loop: big calls leave for a worker (NeedsMoreTime)
+    until = math.inf  # the budget's end; `deadline` is the next check instant, <= until
+    turn = False  # this thread holds _TURNS
 
 
 _state = _RenderState()
 
+# Renders off the event loop take turns of _TURN_SECONDS: render threads share the GIL with
+# the event loop, and with four of them busy the loop waited for it for up to 1.9 s
+# (tests/test_hostile_templates.py); taking turns, it competes with one at a time.
+_TURNS = threading.Lock()
+_TURN_SECONDS = 0.005
+
+
+def _late() -> None:
+    """The check instant passed: the budget is spent, or this render's turn is over."""
+    state = _state
+    if not state.turn or monotonic() > state.until:
+        raise _OutOfTime
+    _TURNS.release()
+    state.turn = False
+    sleep(0)  # let a waiting render take the lock
+    _take_turn()
+
+
+def _take_turn() -> None:
+    state = _state
+    if not _TURNS.acquire(timeout=max(0.0, state.until - monotonic())):
+        raise _OutOfTime
+    state.turn = True
+    state.deadline = min(state.until, monotonic() + _TURN_SECONDS)
+
+
+def _give_turn() -> None:
+    if _state.turn:
+        _state.turn = False
+        _TURNS.release()
+
 
 def _tick() -> None:
     if monotonic() > _state.deadline:
-        raise _OutOfTime
+        _late()
 
 
 def _refuse(what: str) -> None:
@@ -127,7 +160,7 @@ def _charge(nbytes: int) -> None:
     state = _state
     state.built += nbytes
     if state.built > _MAX_RENDER_BYTES:
-        _refuse("what this render has built")
+        _refuse("the values built by this render")
 
 
 def _sized(value, what: str, items_cap: int, chars_cap: int, chars_inline: int) -> None:
@@ -152,8 +185,10 @@ def _counted(iterator, what: str):
         count += 1
         if count > _MAX_ITEMS:
             _refuse(what)
-        if monotonic() > state.deadline or (state.inline and count > _INLINE_ITEMS):
+        if state.inline and count > _INLINE_ITEMS:
             raise _OutOfTime
+        if monotonic() > state.deadline:
+            _late()
         # batch and slice make a new list per item; other items exist already.
         _charge(8 + (8 * len(item) if type(item) is list else 0))
         yield item
@@ -466,12 +501,12 @@ class _Sandbox(SandboxedEnvironment):
 
     def getattr(self, obj, attribute):
         if monotonic() > _state.deadline:
-            raise _OutOfTime
+            _late()
         return super().getattr(obj, attribute)
 
     def getitem(self, obj, argument):
         if monotonic() > _state.deadline:
-            raise _OutOfTime
+            _late()
         if type(argument) is slice:  # a copy: charged, as a recursion can keep one per level
             return _built(super().getitem(obj, argument), obj, "the slice")
         return super().getitem(obj, argument)
@@ -479,7 +514,7 @@ class _Sandbox(SandboxedEnvironment):
     def call(self, context, obj, /, *args, **kwargs):
         # Every macro call, loop(...) recursion and method call passes here.
         if monotonic() > _state.deadline:
-            raise _OutOfTime
+            _late()
         name = getattr(obj, "__name__", None)
         owner = getattr(obj, "__self__", None)
         if owner is None or isinstance(owner, types.ModuleType) or name in _ACCESS_METHODS:
@@ -560,10 +595,14 @@ def _with_regex_timeout(run):
 
     A timeout that the budget imposed ends the render; OnCall's own 2 s timeout gives None.
     """
-    remaining = _state.deadline - monotonic()
+    state = _state
+    remaining = state.until - monotonic()
     if remaining <= 0:
         raise _OutOfTime
     timeout = min(_REGEX_TIMEOUT, remaining)
+    # The match runs without the GIL (concurrent=True): other renders may go meanwhile.
+    had_turn = state.turn
+    _give_turn()
     try:
         return run(timeout)
     except TimeoutError:
@@ -572,6 +611,9 @@ def _with_regex_timeout(run):
         return None
     except _EXPECTED:  # regex.error (an invalid pattern) is not among these: a Template Error
         return None
+    finally:
+        if had_turn:
+            _take_turn()
 
 
 # pass_context keeps Jinja from folding regex calls on constants at compile time,
@@ -781,7 +823,7 @@ def _paced_iter(context, iterable):
     state = _state
     for item in iterable:
         if monotonic() > state.deadline:
-            raise _OutOfTime
+            _late()
         yield item
 
 
@@ -798,7 +840,7 @@ def _emit(context, value):
     if state.emitted > _MAX_EMITTED_CHARS:
         _refuse("the rendered output")
     if monotonic() > state.deadline:
-        raise _OutOfTime
+        _late()
     return text
 
 
@@ -918,9 +960,12 @@ def compile_template(source: str) -> jinja2.Template:
 def render(template: jinja2.Template, variables: dict, budget: Budget, *, title: bool = False) -> Outcome:
     """Render under a budget; errors become OnCall's "Template Error/Warning: …" texts."""
     state = _state
-    saved = state.deadline, state.emitted, state.built, state.inline
-    state.deadline, state.emitted, state.built, state.inline = budget.deadline, 0, 0, budget.escalate
+    saved = state.deadline, state.until, state.emitted, state.built, state.inline, state.turn
+    state.deadline = state.until = budget.deadline
+    state.emitted, state.built, state.inline, state.turn = 0, 0, budget.escalate, False
     try:
+        if not budget.escalate and not saved[-1]:
+            _take_turn()  # off the event loop: take turns with the other renders
         # Template.render would walk the environment's globals ChainMap twice per call (a
         # third of a small render's cost); a shared context over one merged dict gives
         # templates the same names.
@@ -935,7 +980,9 @@ def render(template: jinja2.Template, variables: dict, budget: Budget, *, title:
     except Exception as exc:
         return Outcome(None, f"Template Error: {exc}")
     finally:
-        state.deadline, state.emitted, state.built, state.inline = saved
+        if not saved[-1]:
+            _give_turn()
+        state.deadline, state.until, state.emitted, state.built, state.inline, state.turn = saved
     limit = MAX_TITLE_LENGTH if title else MAX_RESULT_LENGTH
     if len(text) > limit:
         text = text[:limit] + ".."

@@ -144,3 +144,28 @@ def test_sender_of_a_mail_is_what_oncall_derives(from_values, sender):
 def test_mail_without_a_from_value_has_an_empty_sender():
     # OnCall fails with a 500 here (from_email is None); tocsin keeps the alert.
     assert parse_message(b"From: \nSubject: s\n\nbody\n")["sender"] == ""
+
+
+def test_an_empty_source_link_reaches_appearance_templates_as_an_empty_string():
+    # OnCall keeps a "" rendering ("None" alone becomes None): the Alertmanager message
+    # ends with "[View in AlertManager]()" for the example payload (generatorURL "").
+    am = KINDS["alertmanager"]
+    d = decide(build_integration("am", "AM", "alertmanager", "t", {}), am.example_payload_copy(),
+               render_budget(5), full=True)
+    assert d.message.endswith("[View in AlertManager]()")
+    probe = "{{ source_link is none }}|{{ source_link is string }}|{{ source_link }}"
+    cases = [("{{ payload.url }}", {}, "False|True|"),       # renders empty: ""
+             ("{{ None }}", {}, "True|False|None"),           # renders "None": None
+             ("{{ payload.url }}", {"url": "https://x"}, "False|True|https://x")]
+    for link, payload, want in cases:
+        integration = build_integration("wh", "WH", "webhook", "t", {"source_link": link, "title": probe})
+        assert decide(integration, payload, render_budget(5), full=True).title == want, link
+    no_link = build_integration("ea", "EA", "elastalert", "t", {"title": probe})  # no source_link template
+    assert decide(no_link, {}, render_budget(5), full=True).title == "True|False|None"
+
+
+def test_a_failing_source_link_reaches_templates_as_its_error_text():
+    integration = build_integration("wh", "WH", "webhook", "t",
+                                    {"source_link": "{{ payload.a.b }}", "title": "<{{ source_link }}>"})
+    d = decide(integration, {}, render_budget(5), full=True)
+    assert d.title == "<Template Warning: 'dict object' has no attribute 'a'>"
