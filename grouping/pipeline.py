@@ -274,9 +274,8 @@ class Pipeline:
             return decide(integration, payload, Budget(start + inline, True, self.render_budget), full=full, **kw)
         except NeedsMoreTime:
             pass
-        # One worker render per integration at a time: render threads share the GIL with
-        # the event loop, so a flood of slow templates on one integration must not take
-        # every thread (bench/hostile_templates.py: innocent p99 2.6 s -> see README).
+        # One worker render per integration at a time: a flood of slow templates on one
+        # integration must not take every thread of the executor it shares with others.
         slot = self._render_slots.setdefault(integration.id, asyncio.Semaphore(1))
         async with slot:
             budget = Budget(time.monotonic() + self.render_budget, False, self.render_budget)
