@@ -774,7 +774,7 @@ _WORDWISE = frozenset(
 # Filters whose result is one of their input's elements: nothing new to charge.
 _SELECTING = frozenset({"first", "last", "random", "min", "max", "attr", "default", "d"})
 # Constant time whatever the input.
-_FREE = frozenset({"length", "count", "default", "d", "first", "attr", "safe", "boolean", "bool", "string_or_none"})
+_FREE = frozenset({"length", "count", "default", "d", "first", "attr", "safe"})
 
 
 def _paced(func, name: str, text_checked: bool):
