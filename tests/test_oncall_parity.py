@@ -15,7 +15,7 @@ import pytest
 
 from grouping.kinds import KINDS
 from grouping.pipeline import build_integration, decide
-from grouping.templates import compile_template, render, render_budget
+from grouping.templates import render_budget
 from handlers.mail import parse_message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ TIME_CASES = [
 
 _RENDER_ALL = """
 import json, sys, time
-from grouping.templates import compile_template, render, render_budget
+from grouping.templates import render_budget
 out = []
 for source, variables in json.load(sys.stdin):
     o = render(compile_template(source), variables, render_budget(5))
