@@ -80,7 +80,7 @@ TIME_CASES = [
 
 _RENDER_ALL = """
 import json, sys, time
-from grouping.templates import render_budget
+from grouping.templates import compile_template, render, render_budget
 out = []
 for source, variables in json.load(sys.stdin):
     o = render(compile_template(source), variables, render_budget(5))
