@@ -1,5 +1,11 @@
 """Sandboxed Jinja2 for user templates: Grafana OnCall's environment, filters and
-error texts, plus a time budget and size limits so no template can hold the host."""
+error texts, plus a time budget and size limits so no template can hold the host.
+
+Every filter, test, method call and amplifying operation is bounded so that one
+uninterruptible C call stays a few milliseconds; what a render builds is charged against
+a memory allowance; the inline pass (on the event loop) hands any big call to a worker;
+worker renders take turns so the event loop shares the GIL with one of them at a time.
+"""
 
 from __future__ import annotations
 
