@@ -638,7 +638,7 @@ def test_renders_off_the_loop_take_turns_and_each_keeps_its_budget():
 
 
 def test_parse_json_takes_up_to_a_million_characters():
-    doc = '{"a": [' + ", ".join(['{"k": 1}'] * 100_000) + "]}"
+    doc = '{"a": [' + ",".join(['{"k":1}'] * 100_000) + "]}"
     assert len(doc) < 1_000_000
     assert text("{{ (s|parse_json).a|length }}", s=doc) == "100000"
     assert run("{{ s|parse_json }}", s=" " * 1_000_001).error == (
