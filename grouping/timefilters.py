@@ -28,6 +28,10 @@ class UtcDatetime(datetime):
     template can compute with it and still get OnCall's answers.
     """
 
+    def __repr__(self) -> str:
+        # What OnCall's plain datetimes show (pprint, lists printed whole).
+        return "datetime." + super().__repr__().replace(type(self).__name__, "datetime", 1)
+
     def timestamp(self) -> float:
         if self.tzinfo is None:
             return calendar.timegm(self.timetuple()) + self.microsecond / 1e6

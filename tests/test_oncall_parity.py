@@ -76,6 +76,9 @@ TIME_CASES = [
     ('{{ (time().now() - time().replace(tzinfo=None)).days }}', {}, '-1'),
     ('{{ (v|iso8601_to_time).fromtimestamp(0) }}', {'v': '2023-07-01T12:00:00'}, '1970-01-01 00:00:00'),
     ("{{ '{:%H:%M %s}'.format(v|iso8601_to_time) }}", {'v': '2023-07-01T12:00:00'}, '12:00 1688212800'),
+    ('{{ [v|iso8601_to_time] }} {{ v|iso8601_to_time|pprint }}', {'v': '2023-01-02T03:04:05Z'}, '[datetime.datetime(2023, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)] datetime.datetime(2023, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)'),
+    ('{{ [v|iso8601_to_time] }}', {'v': '2023-5-8 3:04:05+05:30'}, "[datetime.datetime(2023, 5, 8, 3, 4, 5, tzinfo=datetime.timezone(datetime.timedelta(seconds=19800), '+0530'))]"),
+    ('{{ [1700000000|timestamp_to_datetime] }}', {}, '[datetime.datetime(2023, 11, 14, 22, 13, 20)]'),
 ]
 
 _RENDER_ALL = """
