@@ -137,6 +137,13 @@ def _appearance(outcome: Outcome) -> str | None:
     return None if text is None or text == "None" or text == "" else text
 
 
+def _as_oncall_passes(outcome: Outcome | None) -> str | None:
+    if outcome is None:
+        return None
+    text = outcome.text if outcome.error is None else outcome.error
+    return None if text == "None" else text
+
+
 def decide(
     integration: Integration,
     payload: Any,
@@ -188,7 +195,8 @@ def decide(
     variables = {
         "payload": payload,
         "integration_name": integration.name,
-        "source_link": source_link,
+        # As Grafana OnCall passes it: an empty rendering stays "", only "None" is None.
+        "source_link": _as_oncall_passes(link),
         "alert_group_id": alert_group_id,
         "grafana_oncall_alert_group_id": alert_group_id,
         "grafana_oncall_incident_id": alert_group_id,
@@ -303,6 +311,7 @@ class Pipeline:
         self.store = store
         self.render_budget = render_budget
         self._executor = executor
+        self._render_slots: dict[str, asyncio.Semaphore] = {}
 
     def by_token(self, token: str) -> Integration | None:
         return self._by_token.get(token)
@@ -318,11 +327,15 @@ class Pipeline:
             return decide(integration, payload, Budget(start + inline, True, self.render_budget), full=full, **kw)
         except NeedsMoreTime:
             pass
-        budget = Budget(time.monotonic() + self.render_budget, False, self.render_budget)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, lambda: decide(integration, payload, budget, full=full, **kw)
-        )
+        # One worker render per integration at a time: a flood of slow templates on one
+        # integration must not take every thread of the executor it shares with others.
+        slot = self._render_slots.setdefault(integration.id, asyncio.Semaphore(1))
+        async with slot:
+            budget = Budget(time.monotonic() + self.render_budget, False, self.render_budget)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._executor, lambda: decide(integration, payload, budget, full=full, **kw)
+            )
 
     async def preview(self, integration: Integration, payload: Any) -> list[dict]:
         """preview() in a render thread, with this generation's budget."""

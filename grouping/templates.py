@@ -1,5 +1,11 @@
 """Sandboxed Jinja2 for user templates: Grafana OnCall's environment, filters and
-error texts, plus a time budget and size limits so no template can hold the host."""
+error texts, plus a time budget and size limits so no template can hold the host.
+
+Every filter, test, method call and amplifying operation is bounded so that one
+uninterruptible C call stays a few milliseconds; what a render builds is charged against
+a memory allowance; the inline pass (on the event loop) hands any big call to a worker;
+worker renders take turns so the event loop shares the GIL with one of them at a time.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,9 @@ import math
 import re
 import threading
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sized
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from time import monotonic
-from zoneinfo import ZoneInfo
+from time import monotonic, sleep
 
 import jinja2
 import regex
@@ -27,6 +31,8 @@ from jinja2.sandbox import SandboxedEnvironment, SandboxedEscapeFormatter, Sandb
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup
 
+from . import timefilters
+
 MAX_TEMPLATE_LENGTH = 50_000
 MAX_RESULT_LENGTH = 50_000
 MAX_TITLE_LENGTH = 500
@@ -37,6 +43,22 @@ _MAX_BUILT_ITEMS = 1_000_000
 # All text the output statements of one render may produce, macro and block bodies
 # included: bounds amplification by re-emitting a captured result.
 _MAX_EMITTED_CHARS = 10_000_000
+# One filter, test or method call is usually one C call: it cannot be interrupted and it
+# holds the GIL, so the event loop waits for it. These bound every such call to a few ms
+# (bench/hostile_templates.py): items it may take in or give out (sorting 100k strings
+# takes ~30 ms, and a string a filter walks item by item counts its characters) ...
+_MAX_ITEMS = 100_000
+# ... and the input of filters that work word by word (wordwrap's word-splitting regex
+# alone takes ~100 ms over 600k characters).
+_MAX_WORDWISE_CHARS = 100_000
+# Everything one render builds (strings, lists, their slots), freed since or not: bounds
+# what a render can hold (list.append in a loop, deep recursion) whatever its deadline.
+# Four render threads at most: 4 x 48 MB stays under the 256 MB a daemon may grow by.
+_MAX_RENDER_BYTES = 48 * 1024 * 1024
+# The inline pass runs on the event loop: a call bigger than this moves the render to a
+# worker thread instead (sorting 2k items or copying 200k characters takes ~0.1 ms).
+_INLINE_ITEMS = 2_000
+_INLINE_CHARS = 200_000
 # 10**20000 is already too long to print (Python's 4300-digit str limit).
 _MAX_INT_BITS = 65_536
 _REGEX_TIMEOUT = 2.0  # Grafana OnCall's per-call regex timeout
@@ -77,18 +99,123 @@ class _RenderState(threading.local):
     # module import) there is no deadline.
     deadline = math.inf
     emitted = 0
+    built = 0  # bytes charged by _charge
+    inline = False  # on the event loop: big calls leave for a worker (NeedsMoreTime)
+    until = math.inf  # the budget's end; `deadline` is the next check instant, <= until
+    turn = False  # this thread holds _TURNS
 
 
 _state = _RenderState()
 
+# Renders off the event loop take turns of _TURN_SECONDS: render threads share the GIL with
+# the event loop, and with four of them busy the loop waited for it for up to 1.9 s
+# (tests/test_hostile_templates.py); taking turns, it competes with one at a time.
+_TURNS = threading.Lock()
+_TURN_SECONDS = 0.005
+
+
+def _late() -> None:
+    """The check instant passed: the budget is spent, or this render's turn is over."""
+    state = _state
+    if not state.turn or monotonic() > state.until:
+        raise _OutOfTime
+    _TURNS.release()
+    state.turn = False
+    sleep(0)  # let a waiting render take the lock
+    _take_turn()
+
+
+def _take_turn() -> None:
+    state = _state
+    if not _TURNS.acquire(timeout=max(0.0, state.until - monotonic())):
+        raise _OutOfTime
+    state.turn = True
+    state.deadline = min(state.until, monotonic() + _TURN_SECONDS)
+
+
+def _give_turn() -> None:
+    if _state.turn:
+        _state.turn = False
+        _TURNS.release()
+
 
 def _tick() -> None:
     if monotonic() > _state.deadline:
-        raise _OutOfTime
+        _late()
 
 
 def _refuse(what: str) -> None:
     raise SecurityError(f"{what} would exceed the size limit")
+
+
+def _footprint(value) -> int:
+    """Roughly the bytes a value holds itself (its slots, not the objects they point to)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else 4 * len(value)
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return 8 * len(value) + 56
+    if isinstance(value, (dict, set, frozenset)):
+        return 64 * len(value) + 64
+    return 0
+
+
+def _charge(nbytes: int) -> None:
+    """Count what the render built against its memory allowance."""
+    state = _state
+    state.built += nbytes
+    if state.built > _MAX_RENDER_BYTES:
+        _refuse("the values built by this render")
+
+
+def _sized(value, what: str, items_cap: int, chars_cap: int, chars_inline: int) -> None:
+    """Refuse an input too large for one call; in the inline pass, leave for a worker."""
+    if isinstance(value, (str, bytes)):
+        n, cap, inline = len(value), chars_cap, chars_inline
+    elif isinstance(value, Sized) and not isinstance(value, jinja2.Undefined):
+        n, cap, inline = len(value), items_cap, _INLINE_ITEMS
+    else:
+        return
+    if n > cap:
+        _refuse(what)
+    if n > inline and _state.inline:
+        raise _OutOfTime
+
+
+def _counted(iterator, what: str):
+    """Pass a filter's lazy output through: deadline per item, at most _MAX_ITEMS of them."""
+    state = _state
+    count = 0
+    for item in iterator:
+        count += 1
+        if count > _MAX_ITEMS:
+            _refuse(what)
+        if state.inline and count > _INLINE_ITEMS:
+            raise _OutOfTime
+        if monotonic() > state.deadline:
+            _late()
+        # batch and slice make a new list per item; other items exist already.
+        _charge(8 + (8 * len(item) if type(item) is list else 0))
+        yield item
+
+
+def _built(result, source, what: str):
+    """Check and charge a call's result; lazy results are counted as they are consumed."""
+    if result is source:
+        return result
+    if isinstance(result, (str, bytes)):
+        if len(result) > _MAX_BUILT_CHARS:
+            _refuse(what)
+    elif isinstance(result, (list, tuple, dict, set, frozenset)):
+        if len(result) > _MAX_ITEMS:
+            _refuse(what)
+    elif isinstance(result, Iterator):
+        return _counted(result, what)
+    else:
+        return result
+    _charge(_footprint(result))
+    return result
 
 
 # ---------------------------------------------------------------- size estimates
@@ -123,6 +250,8 @@ def _text_size(value) -> int:
         return len(value)
     if not isinstance(value, _CONTAINERS):
         return _scalar_size(value)
+    # On the event loop a long walk is itself the stall: leave for a worker instead.
+    limit = _INLINE_CHARS if _state.inline else _MAX_BUILT_CHARS
     total, pending, open_ids = 0, [value], set()
     while pending:
         item = pending.pop()
@@ -133,6 +262,8 @@ def _text_size(value) -> int:
         if key in open_ids:
             total += 5
             continue
+        if limit < _MAX_BUILT_CHARS and len(item) > _INLINE_ITEMS:
+            raise _OutOfTime
         open_ids.add(key)
         pending.append(_Leave(key))
         total += 2
@@ -148,7 +279,9 @@ def _text_size(value) -> int:
                 pending.append(child)
             else:
                 total += _scalar_size(child)
-        if total > _MAX_BUILT_CHARS:
+        if total > limit:
+            if limit < _MAX_BUILT_CHARS:
+                raise _OutOfTime
             return total
         _tick()
     return total
@@ -284,6 +417,47 @@ def _guard_method(method, name: str, args: tuple, kwargs: dict) -> tuple:
     return args
 
 
+# Methods that read or select, in constant time or one scan, and build nothing large.
+_ACCESS_METHODS = frozenset(
+    {
+        "get", "pop", "popitem", "keys", "values", "items", "index", "count", "find", "rfind",
+        "startswith", "endswith", "isdigit", "isalpha", "isalnum", "isspace", "islower", "isupper",
+        "isnumeric", "isdecimal", "isidentifier", "isascii", "istitle", "__contains__", "__len__",
+    }
+)
+# Methods that keep their arguments: what a render stores this way is charged.
+_STORING_METHODS = frozenset({"append", "insert", "add", "update", "setdefault", "__setitem__"})
+# Methods that build a list from their owner.
+_LISTING_METHODS = frozenset({"split", "rsplit", "splitlines", "sort"})
+_LINE_BREAKS = ("\n", "\r", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+
+
+def _guard_listing(owner, name: str, args: tuple, kwargs: dict) -> None:
+    """Refuse a split or sort whose list would be too long, counting pieces in C first."""
+    if name == "sort":
+        if isinstance(owner, list) and len(owner) > _MAX_ITEMS:
+            _refuse("list.sort()")
+        if isinstance(owner, list) and len(owner) > _INLINE_ITEMS and _state.inline:
+            raise _OutOfTime
+        return
+    if not isinstance(owner, (str, bytes)) or len(owner) <= _MAX_ITEMS:
+        return
+    if name == "splitlines":
+        pieces = sum(owner.count(c) for c in _LINE_BREAKS) if isinstance(owner, str) else owner.count(b"\n") + owner.count(b"\r")
+    else:
+        sep = args[0] if args else kwargs.get("sep")
+        limit = args[1] if len(args) > 1 else kwargs.get("maxsplit", -1)
+        if sep is None:
+            # Runs of whitespace separate; at worst every other character is one.
+            pieces = len(owner) // 2 + 1
+        else:
+            pieces = owner.count(sep) + 1 if sep else 0
+        if isinstance(limit, int) and limit >= 0:
+            pieces = min(pieces, limit + 1)
+    if pieces > _MAX_ITEMS:
+        _refuse(f"str.{name}()")
+
+
 def _check_binop(operator: str, left, right) -> None:
     if operator == "*":
         if isinstance(left, int) and isinstance(right, int):
@@ -325,26 +499,43 @@ class _Sandbox(SandboxedEnvironment):
     def call_binop(self, context, operator, left, right):
         _tick()
         _check_binop(operator, left, right)
-        return self.binop_table[operator](left, right)
+        result = self.binop_table[operator](left, right)
+        if _state.inline and _footprint(result) > _INLINE_CHARS:
+            raise _OutOfTime
+        _charge(_footprint(result))
+        return result
 
     def getattr(self, obj, attribute):
         if monotonic() > _state.deadline:
-            raise _OutOfTime
+            _late()
         return super().getattr(obj, attribute)
 
     def getitem(self, obj, argument):
         if monotonic() > _state.deadline:
-            raise _OutOfTime
+            _late()
+        if type(argument) is slice:  # a copy: charged, as a recursion can keep one per level
+            return _built(super().getitem(obj, argument), obj, "the slice")
         return super().getitem(obj, argument)
 
     def call(self, context, obj, /, *args, **kwargs):
         # Every macro call, loop(...) recursion and method call passes here.
         if monotonic() > _state.deadline:
-            raise _OutOfTime
+            _late()
         name = getattr(obj, "__name__", None)
+        owner = getattr(obj, "__self__", None)
+        if owner is None or isinstance(owner, types.ModuleType) or name in _ACCESS_METHODS:
+            # A macro, or a method that reads or selects: nothing of its size to bound.
+            return super().call(context, obj, *args, **kwargs)
+        # A method of a value: bounded like a filter over that value.
+        _sized(owner, f"{type(owner).__name__}.{name}()", _MAX_BUILT_ITEMS, _MAX_BUILT_CHARS, _INLINE_CHARS)
         if name in _SIZED_METHODS:
-            args = _guard_method(obj, name, args, kwargs)
-        return super().call(context, obj, *args, **kwargs)
+                args = _guard_method(obj, name, args, kwargs)
+        elif name in _LISTING_METHODS:
+            _guard_listing(owner, name, args, kwargs)
+        elif name in _STORING_METHODS:
+            for arg in itertools.chain(args, kwargs.values()):
+                _charge(_footprint(arg) + 16)
+        return _built(super().call(context, obj, *args, **kwargs), owner, f"the result of {name}()")
 
     def wrap_str_format(self, value):
         # Same role as Jinja's own hook, with size-limited formatters.
@@ -405,102 +596,19 @@ def _b64decode(value):
         return None
 
 
-# Django's parse_datetime fallback grammar, for what fromisoformat rejects
-# (single-digit fields, comma fractions, space before the offset).
-_LOOSE_DATETIME = re.compile(
-    r"(?P<year>\d{4})-(?P<month>\d{1,2})-(?P<day>\d{1,2})"
-    r"[T ](?P<hour>\d{1,2}):(?P<minute>\d{1,2})"
-    r"(?::(?P<second>\d{1,2})(?:[.,](?P<fraction>\d{1,6})\d{0,6})?)?"
-    r"\s*(?P<tz>Z|[+-]\d{2}(?::?\d{2})?)?$",
-    re.ASCII,
-)
-
-
-def _parse_datetime(value: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        pass
-    match = _LOOSE_DATETIME.match(value)
-    if match is None:
-        return None
-    parts = match.groupdict()
-    tz = parts.pop("tz")
-    fraction = parts.pop("fraction")
-    fields = {k: int(v) for k, v in parts.items() if v is not None}
-    fields["microsecond"] = int(fraction.ljust(6, "0")) if fraction else 0
-    tzinfo = None
-    if tz == "Z":
-        tzinfo = timezone.utc
-    elif tz is not None:
-        minutes = int(tz[1:3]) * 60 + (int(tz[-2:]) if len(tz) > 3 else 0)
-        tzinfo = timezone(timedelta(minutes=-minutes if tz[0] == "-" else minutes))
-    return datetime(**fields, tzinfo=tzinfo)
-
-
-def _iso8601_to_time(value):
-    try:
-        return _parse_datetime(value)
-    except _EXPECTED:
-        return None
-
-
-def _datetimeformat(value, format="%H:%M / %d-%m-%Y"):
-    try:
-        return value.strftime(format)
-    except _EXPECTED:
-        return None
-
-
-def _datetimeformat_as_timezone(value, format="%H:%M / %d-%m-%Y", tz="UTC"):
-    # An unknown zone raises ZoneInfoNotFoundError, a KeyError: a Template Warning, as in OnCall.
-    try:
-        return value.astimezone(ZoneInfo(tz)).strftime(format)
-    except _EXPECTED:
-        return None
-
-
-def _datetimeparse(value, format="%H:%M / %d-%m-%Y"):
-    try:
-        return datetime.strptime(value, format)
-    except _EXPECTED:
-        return None
-
-
-_TIMEDELTA = re.compile(r"^([-+]?)(\d+)([smhdwMQy])$")
-_TIMEDELTA_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def _timedeltaparse(value):
-    try:
-        match = _TIMEDELTA.match(value)
-        if match is None:
-            return None
-        sign, amount, unit = match.groups()
-        if unit not in _TIMEDELTA_UNITS:
-            return None  # months, quarters and years have no fixed length
-        delta = timedelta(**{_TIMEDELTA_UNITS[unit]: int(amount)})
-        return -delta if sign == "-" else delta
-    except _EXPECTED:
-        return None
-
-
-def _timestamp_to_datetime(value):
-    try:
-        return datetime.fromtimestamp(value)
-    except _EXPECTED:
-        return None
-
-
 def _with_regex_timeout(run):
     """Run a regex call under min(2 s, the remaining budget).
 
     A timeout that the budget imposed ends the render; OnCall's own 2 s timeout gives None.
     """
-    remaining = _state.deadline - monotonic()
+    state = _state
+    remaining = state.until - monotonic()
     if remaining <= 0:
         raise _OutOfTime
     timeout = min(_REGEX_TIMEOUT, remaining)
+    # The match runs without the GIL (concurrent=True): other renders may go meanwhile.
+    had_turn = state.turn
+    _give_turn()
     try:
         return run(timeout)
     except TimeoutError:
@@ -509,6 +617,9 @@ def _with_regex_timeout(run):
         return None
     except _EXPECTED:  # regex.error (an invalid pattern) is not among these: a Template Error
         return None
+    finally:
+        if had_turn:
+            _take_turn()
 
 
 # pass_context keeps Jinja from folding regex calls on constants at compile time,
@@ -517,7 +628,7 @@ def _with_regex_timeout(run):
 def _regex_replace(context, value, find, replace):
     def run(timeout):
         if (len(value) + 1) * (2 * len(replace) + 1) <= _MAX_BUILT_CHARS:
-            return regex.sub(find, replace, value, timeout=timeout)
+            return regex.sub(find, replace, value, timeout=timeout, concurrent=True)
         produced = 0
 
         def counted(match):
@@ -528,23 +639,19 @@ def _regex_replace(context, value, find, replace):
                 _refuse("regex_replace")
             return piece
 
-        return regex.sub(find, counted, value, timeout=timeout)
+        return regex.sub(find, counted, value, timeout=timeout, concurrent=True)
 
     return _with_regex_timeout(run)
 
 
 @pass_context
 def _regex_match(context, value, pattern):
-    return _with_regex_timeout(lambda timeout: bool(regex.match(pattern, value, timeout=timeout)))
+    return _with_regex_timeout(lambda timeout: bool(regex.match(pattern, value, timeout=timeout, concurrent=True)))
 
 
 @pass_context
 def _regex_search(context, value, pattern):
-    return _with_regex_timeout(lambda timeout: bool(regex.search(pattern, value, timeout=timeout)))
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return _with_regex_timeout(lambda timeout: bool(regex.search(pattern, value, timeout=timeout, concurrent=True)))
 
 
 def _range(*args):
@@ -589,8 +696,8 @@ def _guarded_builtins(builtin: dict) -> dict:
 
     @pass_eval_context
     def join(eval_ctx, value, d="", attribute=None):
-        items = list(itertools.islice(iter(value), _MAX_BUILT_ITEMS + 1))
-        if len(items) > _MAX_BUILT_ITEMS:
+        items = list(itertools.islice(iter(value), _MAX_ITEMS + 1))
+        if len(items) > _MAX_ITEMS:
             _refuse("join")
         if attribute is not None:
             get = make_attrgetter(eval_ctx.environment, attribute)
@@ -607,10 +714,18 @@ def _guarded_builtins(builtin: dict) -> dict:
             _refuse("batch")
         return builtin["batch"](value, linecount, fill_with)
 
-    def slice_(value, slices, fill_with=None):
-        if isinstance(slices, int) and slices > _MAX_BUILT_ITEMS:
+    @pass_eval_context
+    def slice_(eval_ctx, value, slices, fill_with=None):
+        # Jinja's slice takes the eval context first (it is an async variant).
+        if isinstance(slices, int) and slices > _MAX_ITEMS:
             _refuse("slice")
-        return builtin["slice"](value, slices, fill_with)
+        return builtin["slice"](eval_ctx, value, slices, fill_with)
+
+    def pprint(value):
+        # pformat works in Python with no deadline checks: keep its input small.
+        if _text_size(value) > _MAX_WORDWISE_CHARS:
+            _refuse("pprint")
+        return builtin["pprint"](value)
 
     @pass_environment
     def sum_(environment, iterable, attribute=None, start=0):
@@ -635,6 +750,7 @@ def _guarded_builtins(builtin: dict) -> dict:
         "join": join,
         "batch": batch,
         "slice": slice_,
+        "pprint": pprint,
         "sum": sum_,
     }
 
@@ -650,25 +766,61 @@ _STRINGIFYING = frozenset(
 )
 
 
+# Filters that walk their input item by item (a string: character by character).
+_ITERATING = frozenset(
+    {
+        "list", "sort", "unique", "batch", "slice", "map", "select", "reject", "selectattr",
+        "rejectattr", "join", "last", "min", "max", "sum", "groupby", "dictsort", "random", "items",
+    }
+)
+# Filters that work word by word (or value by value) in Python.
+_WORDWISE = frozenset(
+    {"wordwrap", "wordcount", "urlize", "indent", "title", "urlencode", "striptags", "xmlattr", "pprint"}
+)
+# parse_json is one C call, but its objects grow with its input: ~15 ms and 30 MB at 1M.
+_MAX_JSON_CHARS = 1_000_000
+# Filters whose result is one of their input's elements: nothing new to charge.
+_SELECTING = frozenset({"first", "last", "random", "min", "max", "attr", "default", "d"})
+# Constant time whatever the input.
+_FREE = frozenset({"length", "count", "default", "d", "first", "attr", "safe"})
+
+
 def _paced(func, name: str, text_checked: bool):
-    """A filter or test that first checks the deadline (and, for stringifying filters, the size)."""
+    """A filter with the deadline, input and output limits and the inline rule applied."""
     value_at = 0 if getattr(func, "jinja_pass_arg", None) is None else 1
-
-    if text_checked:
-
-        @functools.wraps(func)
-        def wrapper(*args, **kwargs):
-            _tick()
-            if len(args) > value_at:
-                _check_text(args[value_at], f"the input of {name}")
-            return func(*args, **kwargs)
-
+    what = f"the input of {name}"
+    if name in _ITERATING:
+        caps = (_MAX_ITEMS, _MAX_ITEMS, _INLINE_ITEMS)
+    elif name in _WORDWISE:
+        caps = (_MAX_ITEMS, _MAX_WORDWISE_CHARS, _INLINE_ITEMS)
+    elif name == "parse_json":
+        caps = (_MAX_ITEMS, _MAX_JSON_CHARS, _INLINE_ITEMS)
     else:
+        caps = (_MAX_ITEMS, _MAX_BUILT_CHARS, _INLINE_CHARS)
+    free = name in _FREE
+    selecting = name in _SELECTING
 
-        @functools.wraps(func)
-        def wrapper(*args, **kwargs):
-            _tick()
-            return func(*args, **kwargs)
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        _tick()
+        value = args[value_at] if len(args) > value_at else None
+        if not free:
+            _sized(value, what, *caps)
+        if text_checked:
+            _check_text(value, what)
+        result = func(*args, **kwargs)
+        return result if selecting else _built(result, value, f"the output of {name}")
+
+    return wrapper
+
+
+def _paced_test(func):
+    """A test with the deadline applied (tests are constant time, or one C scan: `in`)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        _tick()
+        return func(*args, **kwargs)
 
     return wrapper
 
@@ -681,7 +833,7 @@ def _paced_iter(context, iterable):
     state = _state
     for item in iterable:
         if monotonic() > state.deadline:
-            raise _OutOfTime
+            _late()
         yield item
 
 
@@ -689,6 +841,8 @@ def _paced_iter(context, iterable):
 def _emit(context, value):
     text = value if isinstance(value, str) else None
     if text is None:
+        if _state.inline and isinstance(value, Sized) and len(value) > _INLINE_ITEMS:
+            raise _OutOfTime
         _check_text(value, "the output")
         text = str(value)
     state = _state
@@ -696,7 +850,7 @@ def _emit(context, value):
     if state.emitted > _MAX_EMITTED_CHARS:
         _refuse("the rendered output")
     if monotonic() > state.deadline:
-        raise _OutOfTime
+        _late()
     return text
 
 
@@ -706,7 +860,11 @@ def _concat(parts):
         size += _text_size(part)
         if size > _MAX_BUILT_CHARS:
             _refuse("the concatenation")
-    return "".join([part if isinstance(part, str) else str(part) for part in parts])
+    if size > _INLINE_CHARS and _state.inline:
+        raise _OutOfTime
+    text = "".join([part if isinstance(part, str) else str(part) for part in parts])
+    _charge(_footprint(text))
+    return text
 
 
 def _checkpoint(value):
@@ -725,7 +883,7 @@ def _build_environment() -> _Sandbox:
     )
     env.globals.pop("lipsum", None)
     env.globals["range"] = _range
-    env.globals["time"] = _now
+    env.globals["time"] = timefilters.now
     builtin = dict(env.filters)
     env.filters.update(_guarded_builtins(builtin))
     env.filters.update(
@@ -733,12 +891,12 @@ def _build_environment() -> _Sandbox:
         json_dumps=_json_dumps,
         parse_json=_parse_json,
         b64decode=_b64decode,
-        iso8601_to_time=_iso8601_to_time,
-        datetimeformat=_datetimeformat,
-        datetimeformat_as_timezone=_datetimeformat_as_timezone,
-        datetimeparse=_datetimeparse,
-        timedeltaparse=_timedeltaparse,
-        timestamp_to_datetime=_timestamp_to_datetime,
+        iso8601_to_time=timefilters.iso8601_to_time,
+        datetimeformat=timefilters.datetimeformat,
+        datetimeformat_as_timezone=timefilters.datetimeformat_as_timezone,
+        datetimeparse=timefilters.datetimeparse,
+        timedeltaparse=timefilters.timedeltaparse,
+        timestamp_to_datetime=timefilters.timestamp_to_datetime,
         regex_replace=_regex_replace,
         regex_match=_regex_match,
         regex_search=_regex_search,
@@ -746,7 +904,7 @@ def _build_environment() -> _Sandbox:
     for name, func in list(env.filters.items()):
         env.filters[name] = _paced(func, name, name in _STRINGIFYING)
     for name, func in list(env.tests.items()):
-        env.tests[name] = _paced(func, name, False)
+        env.tests[name] = _paced_test(func)
     env.filters.update(
         _tocsin_paced_iter=_paced_iter,
         _tocsin_emit=_emit,
@@ -812,9 +970,12 @@ def compile_template(source: str) -> jinja2.Template:
 def render(template: jinja2.Template, variables: dict, budget: Budget, *, title: bool = False) -> Outcome:
     """Render under a budget; errors become OnCall's "Template Error/Warning: …" texts."""
     state = _state
-    saved = state.deadline, state.emitted
-    state.deadline, state.emitted = budget.deadline, 0
+    saved = state.deadline, state.until, state.emitted, state.built, state.inline, state.turn
+    state.deadline = state.until = budget.deadline
+    state.emitted, state.built, state.inline, state.turn = 0, 0, budget.escalate, False
     try:
+        if not budget.escalate and not saved[-1]:
+            _take_turn()  # off the event loop: take turns with the other renders
         # Template.render would walk the environment's globals ChainMap twice per call (a
         # third of a small render's cost); a shared context over one merged dict gives
         # templates the same names.
@@ -829,7 +990,9 @@ def render(template: jinja2.Template, variables: dict, budget: Budget, *, title:
     except Exception as exc:
         return Outcome(None, f"Template Error: {exc}")
     finally:
-        state.deadline, state.emitted = saved
+        if not saved[-1]:
+            _give_turn()
+        state.deadline, state.until, state.emitted, state.built, state.inline, state.turn = saved
     limit = MAX_TITLE_LENGTH if title else MAX_RESULT_LENGTH
     if len(text) > limit:
         text = text[:limit] + ".."

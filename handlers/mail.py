@@ -39,10 +39,10 @@ import binascii
 import logging
 import re
 from email.errors import NoBoundaryInMultipartDefect, StartBoundaryNotFoundDefect
-from email.headerregistry import Address
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import Compat32
+from email.policy import default as _HEADER_POLICY
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any, Iterator
 
@@ -512,28 +512,30 @@ def _clean(text: str) -> str:
 
 
 def _sender(values: list[str]) -> str:
-    """The From addr-spec; the raw From values joined by ", " when it does not parse."""
+    """The sender as Grafana OnCall derives it (apps/email/inbound.py with django-anymail).
+
+    OnCall reads From through the email package's default policy, takes the first address
+    getaddresses() finds in that header text, and when any address found lacks a user or a
+    domain, answers the header text itself: `'A B' via [X] <a@b>` (unquoted specials)
+    gives `"'A B' via"`, and `not an address` gives `"not an address"`.
+    """
     if not values:
         return ""
     raw = [_eight_bit(_unfold(v)) for v in values]
     if len(raw) == 1 and (one := _ONE_ADDRESS.fullmatch(raw[0])):
         return one.group(1) or one.group(2)
-    pairs = getaddresses(raw)
     try:
-        specs = [_addr_spec(addr) for _, addr in pairs] or [_addr_spec("")]
-    except Exception:
+        texts = [str(_HEADER_POLICY.header_factory("From", value)) for value in raw]
+    except Exception:  # the header parser fails on a few inputs (OnCall answers 500 there)
         return ", ".join(decode_header(v) for v in values)
-    return specs[0]
-
-
-def _addr_spec(addr: str) -> str:
-    # What OnCall's address object (email.headerregistry.Address) makes of it.
-    if _SIMPLE_ADDR.fullmatch(addr):
-        return addr
-    if addr and not addr.isascii() and "@" in addr:
-        username, domain = addr.rsplit("@", 1)
-        return Address(username=username.strip('"'), domain=domain).addr_spec
-    return Address(addr_spec=addr).addr_spec
+    pairs = getaddresses(texts)
+    if not pairs and texts == [""]:
+        pairs = [("", "")]
+    for _, addr in pairs:
+        user, _, domain = addr.partition("@")
+        if not user or not domain:
+            return ", ".join(texts)
+    return pairs[0][1] if pairs else ", ".join(texts)
 
 
 def _addresses(values: list[str]) -> list[str]:
