@@ -1,6 +1,7 @@
 """Shared fixtures: a real tocsin on 127.0.0.1 ephemeral ports over a real SQLite file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from daemon.app import Daemon, load_config
 
@@ -249,3 +251,45 @@ def require(available: bool, what: str) -> None:
     if os.environ.get("TOCSIN_CI"):
         pytest.fail(f"{what} (required under TOCSIN_CI)")
     pytest.skip(what)
+
+
+class WebhookReceiver:
+    """A webhook notifier's receiver on 127.0.0.1 (see `webhook_receiver`): records each JSON
+    request it accepts; answers 500 to the first `fail_first` requests."""
+
+    def __init__(self, fail_first: int = 0):
+        self.requests: list[dict] = []   # {"body", "headers"} of each accepted request
+        self.fail_first = fail_first
+        self.seen = 0
+        self.url = ""
+
+    async def handle(self, request) -> "web.Response":
+        self.seen += 1
+        body = await request.json()
+        if self.seen <= self.fail_first:
+            return web.Response(status=500, text="not now")
+        self.requests.append({"body": body, "headers": dict(request.headers)})
+        return web.json_response({"ok": True})
+
+    @property
+    def bodies(self) -> list[dict]:
+        return [r["body"] for r in self.requests]
+
+    def events(self, group_id: str | None = None) -> list[str]:
+        return [b["event"] for b in self.bodies if group_id is None or b["alert_group"]["id"] == group_id]
+
+
+@contextlib.asynccontextmanager
+async def webhook_receiver(fail_first: int = 0):
+    """A WebhookReceiver listening on an ephemeral port for the block's duration; its url is set."""
+    rec = WebhookReceiver(fail_first)
+    app = web.Application()
+    app.router.add_post("/hook", rec.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    rec.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+    try:
+        yield rec
+    finally:
+        await runner.cleanup()

@@ -7,7 +7,6 @@ import asyncio
 import gc
 import json
 import logging
-import socket
 
 import aiohttp
 import pytest

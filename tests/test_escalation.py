@@ -3,50 +3,18 @@ HTTP receiver on loopback and a real daemon over a real database."""
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
 import time
 
 import pytest
-from aiohttp import web
 
-from conftest import TOKEN, integration, write_config
+from conftest import TOKEN, integration, write_config, webhook_receiver
 from escalation.chains import Chain, Step, next_window_start, plan
-
-
-class Receiver:
-    """A webhook receiver: records every request; can be told to fail the first N."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.fail_first = 0
-        self.seen = 0
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen += 1
-        body = await request.json()
-        if self.seen <= self.fail_first:
-            return web.Response(status=500, text="boom")
-        self.requests.append({"body": body, "headers": dict(request.headers)})
-        return web.json_response({"ok": True})
-
-    def events(self, group_id: str | None = None) -> list[str]:
-        return [r["body"]["event"] for r in self.requests
-                if group_id is None or r["body"]["alert_group"]["id"] == group_id]
 
 
 @pytest.fixture
 async def receiver():
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    rec.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    yield rec
-    await runner.cleanup()
+    async with webhook_receiver() as rec:
+        yield rec
 
 
 def chain_config(url: str, *, steps: str, timeout: str = "", events: str = '["acknowledged", "resolved"]') -> str:

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from conftest import API_TOKEN, TOKEN, corpus, write_config
+from conftest import API_TOKEN, TOKEN, corpus
 
 
 def md5(text: str) -> str:

@@ -14,10 +14,9 @@ from importlib import metadata
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import API_TOKEN, INTEGRATIONS, ROOT, TOKEN, integration, parse_log_line, write_config
+from conftest import API_TOKEN, INTEGRATIONS, ROOT, TOKEN, integration, parse_log_line, write_config, webhook_receiver
 from daemon import config as cfg
 from daemon.logs import JsonFormatter, LogfmtFormatter
 from grouping.durations import parse_duration
@@ -27,34 +26,10 @@ from grouping.limits import parse_rate
 # -- helpers ---------------------------------------------------------------------------------
 
 
-class Receiver:
-    """A webhook receiver on loopback that answers 500 to its first `fail_first` requests."""
-
-    def __init__(self, fail_first: int = 0):
-        self.fail_first = fail_first
-        self.seen = 0
-        self.delivered: list[dict] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen += 1
-        body = await request.json()
-        if self.seen <= self.fail_first:
-            return web.Response(status=500, text="not now")
-        self.delivered.append(body)
-        return web.json_response({"ok": True})
-
-
 @pytest.fixture
 async def receiver():
-    rec = Receiver(fail_first=1)
-    app = web.Application()
-    app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    rec.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    yield rec
-    await runner.cleanup()
+    async with webhook_receiver(fail_first=1) as rec:
+        yield rec
 
 
 async def scrape(h) -> dict[tuple[str, frozenset], float]:
@@ -124,7 +99,7 @@ async def test_notification_attempts_and_escalation_steps_are_counted(start_tocs
     assert sample(samples, "tocsin_notification_attempts_total", notifier="ops-hook", outcome="retry") == 1.0
     assert sample(samples, "tocsin_notification_attempts_total", notifier="ops-hook", outcome="ok") == 1.0
     assert sample(samples, "tocsin_notification_attempts_total", notifier="ops-hook", outcome="failed") is None
-    assert len(receiver.delivered) == 1 and receiver.seen == 2
+    assert len(receiver.bodies) == 1 and receiver.seen == 2
     # notify, then wait; 300 ms later the second run resolves: three steps, two timed runs.
     samples = await until_metric(h, "tocsin_escalation_steps_total", 1.0, step="resolve")
     for step in ("notify", "wait", "resolve"):

@@ -13,9 +13,8 @@ import time
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from conftest import API_TOKEN, ROOT, integration, write_config
+from conftest import API_TOKEN, ROOT, integration, write_config, webhook_receiver
 from grouping.kinds import KINDS
 from grouping.lifecycle import MAINTENANCE_MAX, SILENCE_MAX
 from store import NewAlert, Store
@@ -158,31 +157,10 @@ async def test_render_preview_api_and_editor_agree(start_tocsin, tmp_path, slug)
 # -- one lifecycle path -----------------------------------------------------------------
 
 
-class Receiver:
-    """A webhook receiver on 127.0.0.1 that records the events it is told about."""
-
-    def __init__(self):
-        self.bodies: list[dict] = []
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.bodies.append(await request.json())
-        return web.json_response({"ok": True})
-
-    def events(self, gid: str) -> list[str]:
-        return [b["event"] for b in self.bodies if b["alert_group"]["id"] == gid]
-
-
 @pytest.fixture
 async def receiver():
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    rec.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    yield rec
-    await runner.cleanup()
+    async with webhook_receiver() as rec:
+        yield rec
 
 
 def paged(url: str) -> str:

@@ -11,7 +11,6 @@ import sys
 import time
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import API_TOKEN, ROOT, TOKEN, config_text, integration, write_config
