@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test bench bench-all chromium clean
+.PHONY: run test bench bench-all chromium wrk clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,15 @@ chromium:
 test: $(BIN)/.installed chromium
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: $(BIN)/.installed
+# bench/http_ingest.py drives load with Debian's wrk (a C client, not the bottleneck).
+WRK := /usr/bin/wrk
+wrk:
+	@test -x $(WRK) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q wrk; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q wrk; \
+	  else false; fi || { echo "could not install $(WRK): bench/http_ingest.py needs it"; false; }; }
+
+bench: $(BIN)/.installed wrk
 	$(BIN)/python bench/http_ingest.py
 
 bench-all: bench
