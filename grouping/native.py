@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 import jinja2
 
 from .kinds import KINDS
+# The sandbox's own size measure and tojson_pretty filter: the same code, so the same answers.
 from .templates import Declined, NativeTemplate, _text_size, _tojson_pretty
 
 # Input or output past this many characters is declined: well below the sandbox's own

@@ -358,7 +358,7 @@ def own_samples(slug: str) -> list:
 
 
 @pytest.mark.parametrize("slug", sorted(KINDS))
-def test_hostile_variants_render_the_same_both_ways(slug):
+def test_hostile_variants_render_the_same_both_ways(slug, capsys):
     rng = random.Random(f"native-{slug}")  # the same variants on every run
     by_kind = {"alertmanager": "alertmanager-firing.json", "grafana_alerting": "grafana-alerting-firing.json",
                "grafana": "grafana-legacy-alerting.json", "pagerduty": "trigger.json"}
@@ -367,8 +367,11 @@ def test_hostile_variants_render_the_same_both_ways(slug):
     for base in bases:
         for payload in variants(base, rng, values_per_path=6):
             check(slug, payload, tally)
-    assert sum(tally.ran.values()) > 1000
-    assert sum(tally.declined.values()) < sum(tally.ran.values())  # the natives did run
+    ran, declined = sum(tally.ran.values()), sum(tally.declined.values())
+    with capsys.disabled():
+        print(f"\n{slug}: hostile variants, {declined} of {ran} native renders declined ({declined / ran:.0%})")
+    assert ran > 1000
+    assert declined < ran  # the natives did run
 
 
 @pytest.mark.parametrize("slug", sorted(KINDS))
