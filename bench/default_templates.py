@@ -11,6 +11,7 @@ title) and for the full render (adds source link, message and image, as the UI s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from grouping.templates import Budget, NativeTemplate  # noqa: E402
 def sandbox_only(i: Integration) -> Integration:
     """The same integration with every native taken away."""
     templates = {n: t.sandboxed if isinstance(t, NativeTemplate) else t for n, t in i.templates.items()}
-    return Integration(i.id, i.name, i.kind, i.token, templates, i.sources, i.overrides, i.routes, i.chains)
+    return dataclasses.replace(i, templates=templates)
 
 
 def per_alert_us(integration: Integration, payload, full: bool, seconds: float) -> float:

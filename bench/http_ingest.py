@@ -255,7 +255,7 @@ def main() -> None:
         print(f"    {name}, alerts/s by round: " + ", ".join(f"{r['rate']:.0f}" for r in runs))
 
     top = max(rates) if rates else 0
-    print(f"\nopen loop: bench/wrk/open_loop.py, fixed schedule, latency from each scheduled send")
+    print("\nopen loop: bench/wrk/open_loop.py, fixed schedule, latency from each scheduled send")
     for name, r in ol_ceiling.items():
         verdict = f", {r['rate'] / top:.1f}x the highest scheduled rate" if top else ""
         print(f"  client ceiling against {name}: {r['rate']:.0f} req/s{verdict}")
