@@ -259,12 +259,12 @@ def main() -> None:
     for name, r in ol_ceiling.items():
         verdict = f", {r['rate'] / top:.1f}x the highest scheduled rate" if top else ""
         print(f"  client ceiling against {name}: {r['rate']:.0f} req/s{verdict}")
-    print(f"  {'rate':>6}  {'server':<14}{'done/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-          f"{'x bare p99':>11}{'errors':>8}")
-    bare_p99 = {rate: r["p99"] for rate, name, r in opened if name == "bare aiohttp"}
+    print(f"  {'rate':>6}  {'server':<14}{'sent/s':>8}{'done/s':>8}{'x bare':>8}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'max ms':>9}{'p99 x bare':>11}{'errors':>8}")
+    bare = {rate: r for rate, name, r in opened if name == "bare aiohttp"}
     for rate, name, r in opened:
-        print(f"  {rate:>6.0f}  {name:<14}{r['rate']:>8.0f}{r['p50']:>9.1f}{r['p99']:>9.1f}{r['max_ms']:>9.1f}"
-              f"{r['p99'] / bare_p99[rate]:>11.1f}{r['errors']:>8}")
+        print(f"  {rate:>6.0f}  {name:<14}{r['send_rate']:>8.0f}{r['rate']:>8.0f}{r['rate'] / bare[rate]['rate']:>8.2f}"
+              f"{r['p50']:>9.1f}{r['p99']:>9.1f}{r['max_ms']:>9.1f}{r['p99'] / bare[rate]['p99']:>11.1f}{r['errors']:>8}")
 
     print(f"\ntocsin RSS {rss:.0f} MiB (peak {peak:.0f}); stored {stored} alerts, acknowledged {acknowledged}: "
           + ("ok" if stored >= acknowledged else "LOST ALERTS"))
