@@ -1,10 +1,13 @@
 """Native default templates: exact Python equivalents of the kinds' default templates.
 
-Three sandboxed renders of the built-in defaults cost ~105 µs per alert, these functions
-~10 µs (py-spy, issue 12). Each one returns exactly the text the sandbox renders for its
-template, or declines (raises) for any input it is not sure of, and the sandbox renders
-that one: errors, "Template Warning" texts, size limits and the time budget stay the
-sandbox's alone. tests/test_native_templates.py renders every kind's defaults both ways.
+Why: three sandboxed renders of the built-in defaults cost ~105 µs per alert (py-spy).
+bench/default_templates.py, decide() per alert on the kinds' examples (mean): 64 µs
+sandboxed, 15 µs native; the full render (UI, preview) 133 vs 34 µs.
+
+Each function returns exactly the text the sandbox renders for its template, or declines
+(raises) for any input it is not sure of, and the sandbox renders that one: errors,
+"Template Warning" texts, size limits and the time budget stay the sandbox's alone.
+tests/test_native_templates.py renders every kind's defaults both ways.
 
 A native is found by the template's text, never by the kind: an integration that
 overrides a template gets the sandbox (unless its text is the default, character for
