@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test bench bench-all test-packages clean
+.PHONY: run test bench bench-all test-packages wrk clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,15 @@ test-packages:
 test: $(BIN)/.installed-test test-packages
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-bench: $(BIN)/.installed-run
+# bench/http_ingest.py drives load with Debian's wrk (a C client, not the bottleneck).
+WRK := /usr/bin/wrk
+wrk:
+	@test -x $(WRK) || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q wrk; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo apt-get install -y -q wrk; \
+	  else false; fi || { echo "could not install $(WRK): bench/http_ingest.py needs it"; false; }; }
+
+bench: $(BIN)/.installed-test wrk
 	$(BIN)/python bench/http_ingest.py
 
 bench-all: bench

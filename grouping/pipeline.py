@@ -21,6 +21,7 @@ from store import NewAlert, Store, StoreUnavailable
 from .kinds import KINDS, TEMPLATE_NAMES, Kind, count_alerts, split_alerts
 from .labels import labels_of
 from .limits import Limiter
+from .native import with_native
 from .routes import Route, choose
 from .templates import (
     Budget,
@@ -94,7 +95,7 @@ def build_integration(id: str, name: str, kind: str, token: str, templates: Mapp
             compiled[tname] = None
             continue
         try:
-            compiled[tname] = compile_template(source)
+            compiled[tname] = with_native(source, compile_template(source))
         except TemplateCompileError as exc:
             problems.append(f"integration '{id}': template '{tname}': {exc}")
     if problems:
