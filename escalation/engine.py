@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 
 import aiohttp
 
+from store import LEASE_MARGIN
+
 from .chains import Chain, plan
 from .notifiers import MAX_ATTEMPTS, Delivery, NotifierConfig, backoff, send
 
@@ -160,10 +162,13 @@ class Engine:
             self._sending.discard(n["id"])
 
     async def _deliver_once(self, n: dict) -> None:
-        attempt = await self.store.attempt_start(n["id"])  # committed before anything is sent
+        notifier = self.get_notifiers().get(n["notifier"])
+        # Claimed and committed before anything is sent; the claim outlasts the attempt's own
+        # timeout, after which another process (or a restart) may take the attempt over.
+        lease = (notifier.timeout if notifier is not None else 0.0) + LEASE_MARGIN
+        attempt = await self.store.attempt_start(n["id"], lease=lease)
         if attempt is None:
             return
-        notifier = self.get_notifiers().get(n["notifier"])
         if notifier is None:
             await self.store.attempt_result(n["id"], attempt, False, "notifier no longer configured", None)
             self.hooks.notification_attempt(n["notifier"], "failed")
@@ -261,7 +266,7 @@ class Engine:
 
     async def _maintenance(self) -> bool:
         now = time.time()
-        for iid, info in list(self.store.maintenance.items()):
+        for iid, info in (await self.store.maintenance()).items():
             if info["ends_at"] <= now:
                 await self.store.maintenance_stop(iid)
                 log.info("maintenance ended", extra={"integration": iid})

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hmac
 import json
-from datetime import datetime, timezone
 from typing import Callable
 
 from aiohttp import web
@@ -12,59 +11,14 @@ from grouping import lifecycle
 from grouping.lifecycle import ActionError, UnknownAction
 from grouping.pipeline import Integration, IntegrationError, Pipeline, preview_json, with_templates
 from grouping.pipeline import render_output  # noqa: F401 - the UI's pages import it from here
+from grouping.views import (MAX_PAGE, STATES, alert_json, group_story, groups_json, integration_json, parse_time,
+                            timeline_json)
 from store import Group, InvalidTransition, NotFound, StoreUnavailable
 
 from .http import BadBody, error, parse_json_body, read_body
 
-STATES = ("new", "acknowledged", "resolved", "silenced")
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
-# Past this the offset alone would not fit SQLite's 64-bit integer; nobody pages that far.
-MAX_PAGE = 1_000_000
-
-# Public API template names (Grafana OnCall) for the config's template names.
-_API_TEMPLATE_NAMES = {
-    "grouping_id": "grouping_key",
-    "resolve_condition": "resolve_signal",
-    "acknowledge_condition": "acknowledge_signal",
-    "source_link": "source_link",
-}
-
-
-_EARLIEST = datetime(1, 1, 1, tzinfo=timezone.utc)
-_LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc)
-
-
-def iso(ts: float | None) -> str | None:
-    """Epoch seconds as ISO 8601 UTC with microseconds, as Grafana OnCall prints them.
-
-    A time beyond what a date can hold prints as the first or last one (a bad row never
-    breaks a read); one that is not a number prints as null."""
-    if ts is None or ts != ts:
-        return None
-    try:
-        value = datetime.fromtimestamp(ts, timezone.utc)
-    except (OverflowError, ValueError, OSError):
-        value = _LATEST if ts > 0 else _EARLIEST
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: str) -> float:
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.timestamp()
-
-
-def alert_json(alert: dict) -> dict:
-    payload = alert["payload"]
-    try:
-        payload = json.loads(payload)
-    except ValueError:
-        pass
-    return {"id": alert["id"], "alert_group_id": alert["alert_group_id"],
-            "created_at": iso(alert["created_at"]), "payload": payload}
-
 
 class Api:
     """Handlers for /api/v1/; `settings` carries public_url, api_tokens, smtp_domain."""
@@ -122,38 +76,12 @@ class Api:
 
     # -- integrations ----------------------------------------------------------------
 
-    def integration_json(self, i: Integration) -> dict:
-        base = self.public_url()
-        link = f"{base}/integrations/v1/{i.kind.slug}/{i.token}/"
-        domain = self.email_domain()
-        o = i.overrides
-        maintenance = self.get_pipeline().store.maintenance.get(i.id)
-        default = next((r for r in i.routes if r.is_default), None)
-        return {
-            "id": i.id,
-            "name": i.name,
-            "description_short": None,
-            "type": i.kind.slug,
-            "link": link,
-            "inbound_email": f"{i.token}@{domain}" if domain else None,
-            "heartbeat": {"link": f"{link}heartbeat/"},
-            "maintenance_mode": maintenance["mode"] if maintenance else None,
-            "maintenance_started_at": iso(maintenance["started_at"]) if maintenance else None,
-            "maintenance_end_at": iso(maintenance["ends_at"]) if maintenance else None,
-            "default_route": {"id": default.id, "escalation_chain_id": default.escalation} if default else None,
-            "routes": [
-                {"id": r.id, "position": n, "routing_type": "jinja2" if r.condition is not None else "regex",
-                 "routing_regex": r.source, "escalation_chain_id": r.escalation, "is_the_last_route": r.is_default}
-                for n, r in enumerate(i.routes)
-            ],
-            "templates": {
-                **{api: o.get(name) for name, api in _API_TEMPLATE_NAMES.items()},
-                "web": {"title": o.get("title"), "message": o.get("message"), "image_url": o.get("image_url")},
-            },
-        }
+    async def integration_json(self, i: Integration) -> dict:
+        maintenance = (await self.get_pipeline().store.maintenance()).get(i.id)
+        return integration_json(i, maintenance, public_url=self.public_url(), email_domain=self.email_domain())
 
     async def list_integrations(self, request: web.Request) -> web.Response:
-        items = [self.integration_json(i) for i in self.get_pipeline().integrations.values()]
+        items = [await self.integration_json(i) for i in self.get_pipeline().integrations.values()]
         return web.json_response(self.page(request, len(items), items, *self.paging(request)[1:], slice_=True))
 
     def _integration(self, request) -> Integration:
@@ -164,7 +92,7 @@ class Api:
         return i
 
     async def get_integration(self, request: web.Request) -> web.Response:
-        return web.json_response(self.integration_json(self._integration(request)))
+        return web.json_response(await self.integration_json(self._integration(request)))
 
     async def preview(self, request: web.Request) -> web.Response:
         """What `tocsin render` prints for the payload, with `templates` (config names) in
@@ -204,7 +132,7 @@ class Api:
                                               body.get("mode"), body.get("duration"))
         except (ActionError, InvalidTransition) as exc:
             return error(400, str(exc))
-        return web.json_response(self.integration_json(integration))
+        return web.json_response(await self.integration_json(integration))
 
     async def maintenance_stop(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
@@ -212,7 +140,7 @@ class Api:
             await lifecycle.maintenance_stop(self.get_pipeline().store, integration.id)
         except InvalidTransition as exc:
             return error(400, str(exc))
-        return web.json_response(self.integration_json(integration))
+        return web.json_response(await self.integration_json(integration))
 
     # -- alert groups ----------------------------------------------------------------
 
@@ -241,32 +169,7 @@ class Api:
                 "current_page_number": page, "page_size": size, "total_pages": total_pages}
 
     async def group_json(self, groups: list[Group]) -> list[dict]:
-        store = self.get_pipeline().store
-        last = await store.alerts_by_id([g.last_alert_id for g in groups if g.last_alert_id])
-        base = self.public_url()
-        return [
-            {
-                "id": g.id,
-                "integration_id": g.integration_id,
-                "team_id": None,
-                "route_id": g.route_id,
-                "alerts_count": g.alerts_count,
-                "state": g.state,
-                "title": g.title,
-                "created_at": iso(g.created_at),
-                "acknowledged_at": iso(g.acknowledged_at),
-                "acknowledged_by": g.acknowledged_by,
-                "resolved_at": iso(g.resolved_at),
-                "resolved_by": g.resolved_by,
-                "silenced_at": iso(g.silenced_at),
-                "silenced_until": iso(g.silenced_until),
-                "grouping_key": g.grouping_key,
-                "labels": [],
-                "permalinks": {"web": f"{base}/ui/groups/{g.id}"},
-                "last_alert": alert_json(last[g.last_alert_id]) if g.last_alert_id in last else None,
-            }
-            for g in groups
-        ]
+        return await groups_json(self.get_pipeline().store, groups, public_url=self.public_url())
 
     async def list_groups(self, request: web.Request) -> web.Response:
         q = request.query
@@ -317,15 +220,7 @@ class Api:
         g = await store.get_group(request.match_info["id"])
         if g is None:
             return error(404, "Alert group not found")
-        story = await group_story(store, g)
-        escalation = story["escalation"]
-        if escalation is not None:
-            escalation["due_at"] = iso(escalation["due_at"])
-        return web.json_response({
-            "alert_group_id": g.id, "state": g.state, "escalation": escalation,
-            "notifications": [{**n, "created_at": iso(n["created_at"])} for n in story["notifications"]],
-            "results": [{**e, "at": iso(e["at"])} for e in story["entries"]],
-        })
+        return web.json_response(timeline_json(g, await group_story(store, g)))
 
     # -- alerts ----------------------------------------------------------------------
 
@@ -336,21 +231,6 @@ class Api:
             integration_id=request.query.get("integration_id"), limit=size, offset=offset,
         )
         return web.json_response(self.page(request, count, [alert_json(a) for a in alerts], page, size))
-
-
-async def group_story(store, g: Group) -> dict:
-    """A group's timeline, escalation and notifications, times in epoch seconds: what the
-    REST timeline and the UI's group page both show.
-
-    `entries` ([{at, event, detail}], oldest first) starts with the group's creation and
-    route, then the store's timeline: escalation steps, each notification attempt, state
-    changes and who made them.
-    """
-    entries = [{"at": g.created_at, "event": "created",
-                "detail": {"integration_id": g.integration_id, "route_id": g.route_id}}]
-    entries += [{"at": e["at"], "event": e["event"], "detail": e["detail"]} for e in await store.timeline(g.id)]
-    return {"entries": entries, "escalation": await store.escalation_of(g.id),
-            "notifications": await store.notifications_of(g.id)}
 
 
 async def _optional_json(request: web.Request, limit: int = 65536):
@@ -366,6 +246,3 @@ def _bounded(text: str, low: int, high: int) -> int | None:
     except ValueError:
         return None
     return value if low <= value <= high else None
-
-
-_human = lifecycle.human_duration  # the UI's name for it, until it imports lifecycle itself

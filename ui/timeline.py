@@ -1,4 +1,4 @@
-"""A group's story (handlers.api.group_story) as the group page shows it: one line per
+"""A group's story (grouping.views.group_story) as the group page shows it: one line per
 timeline entry, written for people. Everything here is plain text; the page template
 escapes it like any other value."""
 from __future__ import annotations

@@ -16,8 +16,10 @@ from aiohttp import web
 from grouping import lifecycle
 from grouping.pipeline import (TEMPLATE_NAMES, Integration, IntegrationError, preview_json, render_output,
                                with_templates)
-from handlers.api import MAX_PAGE, STATES, Api, alert_json, group_story, parse_time
-from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
+from grouping.rules import ALLOWED_FROM
+from grouping.views import (MAX_PAGE, STATES, alert_json, group_story, groups_json, integration_json,
+                            maintenance_of, parse_time)
+from store import InvalidTransition, NotFound, StoreUnavailable
 
 from . import editor
 from .timeline import describe, escalation_view
@@ -78,12 +80,6 @@ class Views:
     def __init__(self, daemon, *, sessions: Sessions | None = None):
         self.daemon = daemon
         self.sessions = sessions or Sessions()
-        self.api = Api(
-            daemon.current,
-            tokens=lambda: daemon.config.api_tokens,
-            public_url=lambda: daemon.config.daemon.public_url,
-            email_domain=lambda: daemon.config.smtp.domain if daemon.config.smtp else None,
-        )
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
             autoescape=True,
@@ -259,16 +255,20 @@ class Views:
             open_counts.setdefault(iid, {})[state] = n
         beats = await store.heartbeats()
         timeouts = {c.id: c.heartbeat_timeout for c in getattr(self.daemon.config, "integrations", ())}
+        maintenance = await store.maintenance()
+        config = self.daemon.config
+        domain = config.smtp.domain if config.smtp else None
         rows = []
         for i in pipeline.integrations.values():
             counts = open_counts.get(i.id, {})
             rows.append({
                 "integration": i,
-                "json": self.api.integration_json(i),
+                "json": integration_json(i, maintenance.get(i.id), public_url=self.public_url,
+                                         email_domain=domain),
                 "open": sum(counts.values()),
                 "open_by_state": counts,
                 "heartbeat": _heartbeat(beats.get(i.id), timeouts.get(i.id)),
-                "maintenance": store.maintenance.get(i.id),
+                "maintenance": maintenance.get(i.id),
             })
         return self.page(request, "integrations.html", title="Integrations", section="integrations", rows=rows,
                          modes=MAINTENANCE_MODES, durations=MAINTENANCE_CHOICES)
@@ -494,7 +494,9 @@ class Views:
         html = self.env.get_template("_groups_table.html").render(
             csrf=request[SESSION].csrf, **context)
         return web.json_response({"count": context["count"], "page": context["page"], "pages": context["pages"],
-                                  "results": await self.api.group_json(context["groups"]), "html": html})
+                                  "results": await groups_json(self.daemon.current().store, context["groups"],
+                                                               public_url=self.public_url),
+                                  "html": html})
 
     async def group(self, request: web.Request) -> web.Response:
         self._take_flash(request)
@@ -541,7 +543,7 @@ class Views:
             request, "group.html", title=g.title or g.id, section="groups", g=g, integration=integration,
             alerts=shown, alerts_count=count, page=page, pages=pages, timeline=timeline, source_link=source_link,
             escalation=escalation_view(story["escalation"]), notifications=story["notifications"],
-            maintenance=_maintenance_of(pipeline.store, g),
+            maintenance=maintenance_of(await pipeline.store.maintenance(), g),
             allowed=ALLOWED_FROM, silence_choices=SILENCE_CHOICES, labels=ACTION_LABELS,
             here=f"/ui/groups/{g.id}",
         )
@@ -576,14 +578,6 @@ def _heartbeat(beat: tuple[float, str] | None, timeout: float | None) -> dict:
     else:
         state = "expired" if beat[1] == "expired" else "alive"
     return {"state": state, "last_seen": last_seen, "timeout": timeout}
-
-
-def _maintenance_of(store, g) -> dict | None:
-    """The maintenance a group belongs to (its collecting group, or attached to it), if still on."""
-    for iid, info in store.maintenance.items():
-        if info.get("group_id") and info["group_id"] in (g.id, getattr(g, "root_group_id", None)):
-            return {"integration_id": iid, **info}
-    return None
 
 
 def _static_version(folder: Path) -> str:
