@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import aiohttp
 
-from store import LEASE_MARGIN
+from store import LEASE_MARGIN, InvalidTransition
 
 from .chains import Chain, plan
 from .notifiers import MAX_ATTEMPTS, Delivery, NotifierConfig, backoff, send
@@ -268,6 +268,9 @@ class Engine:
         now = time.time()
         for iid, info in (await self.store.maintenance()).items():
             if info["ends_at"] <= now:
-                await self.store.maintenance_stop(iid)
+                try:
+                    await self.store.maintenance_stop(iid)
+                except InvalidTransition:
+                    continue  # another process serving the database ended it first
                 log.info("maintenance ended", extra={"integration": iid})
         return False
