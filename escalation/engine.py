@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 
 import aiohttp
 
-from store import LEASE_MARGIN, InvalidTransition
+from store import LEASE_MARGIN, InvalidTransition, InvalidWrite
 
 from .chains import Chain, plan
 from .notifiers import MAX_ATTEMPTS, Delivery, NotifierConfig, backoff, send
@@ -244,11 +244,20 @@ class Engine:
             integration = self.get_pipeline().by_id(iid)
             if integration is None:
                 continue
-            # The alert first, then the mark: a crash in between re-sends "expired" (it
-            # groups with the first), never loses it.
-            await self.get_pipeline().ingest(
-                integration, integration.kind.heartbeat_payload(integration.name, restored=False), source="heartbeat")
-            await self.store.heartbeat_expired(iid, seen[0])
+            # The alert first, then the mark: a crash in between tries again, never loses it.
+            # The alert carries a receipt naming this silence, and a receipt is stored once:
+            # where several processes serve the database (or a restart retries), one alert
+            # is kept and the others are refused by the database (InvalidWrite).
+            receipt = f"heartbeat-expired:{iid}:{seen[0]!r}"
+            if not await self.store.receipts_seen([receipt]):
+                try:
+                    await self.get_pipeline().ingest(
+                        integration, integration.kind.heartbeat_payload(integration.name, restored=False),
+                        source="heartbeat", receipt=receipt)
+                except InvalidWrite:
+                    pass  # another process stored it first
+            if not await self.store.heartbeat_expired(iid, seen[0]):
+                continue  # another process marked it: its log line and metric, not ours
             self.hooks.heartbeat(iid, "expired")
             log.warning("heartbeat expired", extra={"integration": iid, "silent_for": round(now - seen[0], 3),
                                                     "timeout": timeout})

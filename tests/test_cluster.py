@@ -217,3 +217,21 @@ async def test_maintenance_started_through_one_instance_applies_on_the_other(spa
     (maintenance,) = await _db(pg_url, "SELECT group_id FROM maintenance WHERE integration_id = 'fw'")
     assert root[0] == maintenance[0] is not None
     assert a.stop() == 0 and b.stop() == 0
+
+
+async def test_a_heartbeat_expires_once_across_instances(spawn, tmp_path, pg_url):
+    extra = integration("hb", "alertmanager", "tok-heartbeat-0001", name="Beating", rest='heartbeat_timeout = "1s"')
+    cfg = cluster_config(tmp_path, pg_url, extra_integrations=extra)
+    a, b = spawn(cfg), spawn(cfg)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{a.base}/integrations/v1/alertmanager/tok-heartbeat-0001/heartbeat/") as r:
+            assert r.status == 200
+
+    async def expired():
+        return [r[0] for r in await _db(pg_url, "SELECT state FROM heartbeats WHERE integration_id = 'hb'")] == [
+            "expired"]
+    await _until(expired, 15, "the heartbeat to expire")
+    await asyncio.sleep(1.5)  # both instances have looked at it since
+    rows = await _db(pg_url, "SELECT alert_group_id FROM alerts WHERE integration_id = 'hb'")
+    assert len(rows) == 1, "the expiry was stored more than once"
+    assert a.stop() == 0 and b.stop() == 0
