@@ -7,6 +7,7 @@ from .db import (
     InvalidWrite,
     NewAlert,
     NotFound,
+    OverLimit,
     SqliteStore,
     StoredAlert,
     StoreUnavailable,
@@ -46,6 +47,6 @@ def examine_database(database) -> int | None:
 
 __all__ = [
     "LEASE_MARGIN", "DatabaseLocked", "DatabaseUnusable", "Group", "InvalidTransition", "InvalidWrite", "NewAlert",
-    "NotFound", "SCHEMA_VERSION", "ServeLock", "SqliteStore", "Store", "StoredAlert", "StoreUnavailable", "examine",
+    "NotFound", "OverLimit", "SCHEMA_VERSION", "ServeLock", "SqliteStore", "Store", "StoredAlert", "StoreUnavailable", "examine",
     "public_id", "examine_database", "is_url", "open_store",
 ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from .values import (GROUP_COLUMNS, GROUP_INSERT, GROUP_SELECT, GROUP_UPDATE, Group, InvalidTransition, NewAlert,
-                     NotFound, StoredAlert, StoreUnavailable, group_of, public_id, row_id)
+                     NotFound, OverLimit, StoredAlert, StoreUnavailable, group_of, public_id, row_id)
 
 BATCH_MAX = 256  # bounds how long one batch's writes hold the event loop
 PARAMS_MAX = 400
@@ -30,6 +30,7 @@ MAINTENANCE_FRESH = 0.5
 # that dies while sending leaves it to another one once the lease ends (same Idempotency-Key).
 LEASE_MARGIN = 5.0
 _MAINTENANCE_FIELDS = ("mode", "started_at", "ends_at", "group_id")
+_RATE = "\0rate"  # the lock name of an integration's rate-limit counter, beside its grouping keys
 _NOTIFICATION_COLUMNS = "id, group_id, notifier, event, step, created_at, state, due_at"
 
 
@@ -59,6 +60,7 @@ class Job:
     keys: tuple[tuple[str, str], ...] = ()          # (integration, grouping key)
     resolve_keys: tuple[tuple[str, str], ...] = ()
     ids: tuple[str, ...] = ()
+    locks: tuple[tuple[str, str], ...] = ()  # more pairs to lock with the keys (rate-limit counters)
 
 
 class Batch:
@@ -178,14 +180,14 @@ class Writer:
 
     # -- the queue and group commit ------------------------------------------------------
 
-    def _submit(self, fn: Callable[[Batch], Any], *, keys=(), resolve_keys=(), ids=()) -> asyncio.Future:
+    def _submit(self, fn: Callable[[Batch], Any], *, keys=(), resolve_keys=(), ids=(), locks=()) -> asyncio.Future:
         """Queue a write: `fn(batch)` (a coroutine function) runs inside the writer's next
         transaction; the future gets its return value once that transaction is committed."""
         if self._closing or self._task is None or self._task.done():
             raise StoreUnavailable("the database is not accepting writes")
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(Job(fn, future, tuple(keys), tuple(resolve_keys), tuple(ids)))
+            self._queue.put_nowait(Job(fn, future, tuple(keys), tuple(resolve_keys), tuple(ids), tuple(locks)))
         except asyncio.QueueFull:
             raise StoreUnavailable("the write queue is full") from None
         return future
@@ -241,7 +243,7 @@ class Writer:
         for job in jobs:
             try:
                 results.append((job, await job.fn(batch), None))
-            except (InvalidTransition, NotFound) as exc:
+            except (InvalidTransition, NotFound, OverLimit) as exc:  # raised before the job changed anything
                 results.append((job, None, exc))
         await self._write(batch)
         return results
@@ -253,9 +255,11 @@ class Writer:
         landed (None: an only_if_open alert that found no open group), once committed.
         Raises StoreUnavailable at once when nothing can be queued."""
         async def write(batch: Batch) -> list[StoredAlert | None]:
+            await self._admit(batch, alerts)
             return [await self._place(batch, a) for a in alerts]
         return self._submit(write, keys={(a.integration_id, a.grouping_key) for a in alerts},
-                            resolve_keys={(a.integration_id, a.grouping_key) for a in alerts if a.resolve})
+                            resolve_keys={(a.integration_id, a.grouping_key) for a in alerts if a.resolve},
+                            locks={(a.integration_id, _RATE) for a in alerts if a.rate_limit})
 
     async def act(self, group_id: str, action: str, *, delay: int | None = None, by: str = "user") -> Group:
         """Apply a group action (acknowledge, resolve, …) durably."""
@@ -350,10 +354,11 @@ class Writer:
         placing waits for that commit and then sees its group."""
         tx = batch.tx
         keys = sorted({k for job in jobs for k in job.keys})
+        locks = sorted({k for job in jobs for k in job.locks} | set(keys))
         resolve_keys = sorted({k for job in jobs for k in job.resolve_keys})
         ids = sorted({i for job in jobs for i in job.ids})
-        if keys:
-            await tx.lock_keys(keys)
+        if locks:
+            await tx.lock_keys(locks)
         names = sorted({k for _, k in keys})
         for chunk in chunks(names):
             for row in await tx.fetch(f"{GROUP_SELECT} WHERE open = 1 AND grouping_key IN ({marks(len(chunk))})"
@@ -397,6 +402,26 @@ class Writer:
             reached.update(n[2] for n in batch.notifications if n[1] == g.id and n[3] == "triggered")
             for notifier in self.rules.lifecycle_notifiers(event, reached, self.lifecycle_events):
                 batch.notifications.append((public_id("N"), g.id, notifier, event, None, now, "pending", now))
+
+    async def _admit(self, batch: Batch, alerts: list[NewAlert]) -> None:
+        """Count a request's rate-limited alerts against their integrations' windows (their
+        counters are locked for the batch), all or nothing: OverLimit before anything is
+        written when one does not fit."""
+        wanted: dict[tuple[str, tuple[int, float]], int] = {}
+        for a in alerts:
+            if a.rate_limit:
+                wanted[(a.integration_id, a.rate_limit)] = wanted.get((a.integration_id, a.rate_limit), 0) + 1
+        tx, now = batch.tx, batch.now
+        for (iid, (limit, seconds)), n in wanted.items():
+            await tx.execute("DELETE FROM admissions WHERE integration_id = ? AND at <= ?", (iid, now - seconds))
+            times = [r[0] for r in await tx.fetch("SELECT at FROM admissions WHERE integration_id = ? ORDER BY at",
+                                                  (iid,))]
+            if len(times) + n > limit:
+                # The window frees room as its oldest admissions age out.
+                oldest = times[len(times) + n - limit - 1] if len(times) + n - limit - 1 < len(times) else now
+                raise OverLimit(max(0.0, oldest + seconds - now))
+        for (iid, _), n in wanted.items():
+            await tx.executemany("INSERT INTO admissions (integration_id, at) VALUES (?, ?)", [(iid, now)] * n)
 
     async def _place(self, batch: Batch, a: NewAlert) -> StoredAlert | None:
         """Store one alert where the rules put it (CONTRACT §7), with what its conditions set off.

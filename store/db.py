@@ -22,7 +22,7 @@ import aiosqlite
 from .core import Batch, Job, Reader, Writer
 from .schema import MIGRATIONS
 from .values import (GROUP_COLUMNS, DatabaseUnusable, Group, InvalidTransition, InvalidWrite,  # noqa: F401
-                     NewAlert, NotFound, StoredAlert, StoreUnavailable, public_id, row_id)
+                     NewAlert, NotFound, OverLimit, StoredAlert, StoreUnavailable, public_id, row_id)
 
 log = logging.getLogger("tocsin.store")
 

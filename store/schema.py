@@ -114,4 +114,13 @@ MIGRATIONS: tuple[str, ...] = (
         created_at       REAL NOT NULL
     );
     """,
+    # 5: rate-limit admissions: one row per alert a rate limit let through, kept for the
+    # limit's window, so "at most N in any window" holds over every process and restarts.
+    """
+    CREATE TABLE admissions (
+        integration_id   TEXT NOT NULL,
+        at               REAL NOT NULL
+    );
+    CREATE INDEX ix_admissions ON admissions (integration_id, at);
+    """,
 )

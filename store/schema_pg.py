@@ -106,5 +106,11 @@ MIGRATIONS: tuple[str, ...] = (
         alert_id         TEXT NOT NULL,
         created_at       DOUBLE PRECISION NOT NULL
     );
+
+    CREATE TABLE admissions (
+        integration_id   TEXT NOT NULL,
+        at               DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX ix_admissions ON admissions (integration_id, at);
     """,
 )

@@ -53,6 +53,15 @@ class NotFound(Exception):
     """No such alert group."""
 
 
+class OverLimit(Exception):
+    """The integration's rate limit, counted in the database over every process, is reached;
+    `retry_after` seconds until an alert would fit."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"rate limit reached, retry in {retry_after:.1f} s")
+        self.retry_after = retry_after
+
+
 @dataclass
 class Group:
     """One alert_groups row, as the writer and the readers see it."""
@@ -106,6 +115,8 @@ class NewAlert:
     escalation: str | None = None  # the route's chain snapshot (JSON), started if a group is created
     only_if_open: bool = False  # joins an open group or is not stored at all (PagerDuty follow-ups)
     receipt: str | None = None     # the source's own id for it (an IMAP UID), recorded in the same commit
+    rate_limit: tuple[int, float] | None = None  # (N, seconds): admitted only while the integration has had
+    #                                              fewer than N such alerts in the last `seconds`, cluster-wide
 
 
 @dataclass(frozen=True)

@@ -235,3 +235,18 @@ async def test_a_heartbeat_expires_once_across_instances(spawn, tmp_path, pg_url
     rows = await _db(pg_url, "SELECT alert_group_id FROM alerts WHERE integration_id = 'hb'")
     assert len(rows) == 1, "the expiry was stored more than once"
     assert a.stop() == 0 and b.stop() == 0
+
+
+async def test_a_rate_limit_holds_across_the_cluster(spawn, tmp_path, pg_url):
+    cfg = cluster_config(tmp_path, pg_url, daemon_extra='rate_limit = "10/1m"')
+    a, b = spawn(cfg), spawn(cfg)
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for n in range(30):  # 15 through each: each instance alone would let 10 through
+            status, _ = await _post(session, (a, b)[n % 2].base, {"alert_uid": f"r{n}", "title": "x",
+                                                                   "state": "alerting"})
+            statuses.append(status)
+    assert statuses.count(200) == 10 and statuses.count(429) == 20, statuses
+    (count,) = await _db(pg_url, "SELECT count(*) FROM alerts")
+    assert count[0] == 10
+    assert a.stop() == 0 and b.stop() == 0

@@ -15,7 +15,7 @@ import pytest
 
 from escalation.engine import planner
 from grouping import rules
-from store import InvalidTransition, InvalidWrite, NewAlert, NotFound, StoredAlert, open_store
+from store import InvalidTransition, InvalidWrite, NewAlert, NotFound, OverLimit, StoredAlert, open_store
 
 CHAIN = json.dumps({"name": "c", "steps": [{"kind": "notify", "notifiers": ["hook"]},
                                                          {"kind": "wait", "seconds": 60},
@@ -182,3 +182,17 @@ async def test_prune_removes_old_resolved_groups_only(opened):
     assert await store.prune(time.time() + 1) == 1
     assert await store.get_group(old) is None and await store.get_group(kept) is not None
     assert await store.list_alerts(alert_group_id=old) == (0, [])
+
+
+async def test_a_rate_limit_counts_every_store(opened):
+    one, two = await opened(), await opened()
+    limited = [alert(f"r{i}", rate_limit=(3, 60.0)) for i in range(5)]
+    assert len(await one.add_alerts(limited[:2])) == 2
+    with pytest.raises(OverLimit) as refused:  # all or nothing: two do not fit in the one left
+        await two.add_alerts(limited[2:4])
+    assert 0 < refused.value.retry_after <= 60
+    assert len(await two.add_alerts(limited[4:])) == 1
+    with pytest.raises(OverLimit):
+        await one.add_alerts([alert("r9", rate_limit=(3, 60.0))])
+    assert len(await one.add_alerts([alert("free")])) == 1  # not limited: never counted
+    assert (await one.list_alerts())[0] == 4
