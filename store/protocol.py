@@ -18,6 +18,7 @@ class Store(Protocol):
     lifecycle_events: dict[str, frozenset[str]]  # notifier name -> lifecycle events it hears of
     on_commit: Callable[[int, float], None] | None  # (writes in the commit, seconds)
     closed_cleanly: bool
+    migrated_from: int | None  # the schema version found when opened (migrated up from it)
 
     # -- lifecycle and health
     async def open(self) -> None: """Open (creating and migrating); DatabaseUnusable says why not."""
