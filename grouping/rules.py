@@ -2,8 +2,9 @@
 state, and what follows a state change. Pure functions over group values: they return the
 changes and events, and every storage engine applies them inside its own transaction.
 
-The store is handed this module (`Store(..., rules=grouping.rules)`) by whoever opens it:
-the store sits below grouping/ and imports nothing of ours, so the rules come down as a value.
+The store is handed this module (`store.open_store(database, rules=grouping.rules)`) by
+whoever opens it (daemon/, the CLI, tests): the store sits below grouping/ and imports
+nothing of ours, so the rules come down as a value. Both engines call these same functions.
 """
 from __future__ import annotations
 

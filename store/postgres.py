@@ -16,7 +16,7 @@ import hashlib
 import logging
 import re
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import asyncpg
 
