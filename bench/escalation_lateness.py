@@ -16,7 +16,8 @@ from pathlib import Path
 
 from escalation.chains import Chain, Step
 from escalation.engine import Engine
-from store import NewAlert, Store
+from grouping import rules
+from store import NewAlert, SqliteStore
 
 
 class _NoPipeline:
@@ -26,7 +27,7 @@ class _NoPipeline:
 
 async def run(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "lateness.db")
+        store = SqliteStore(Path(tmp) / "lateness.db", rules=rules)
         await store.open()
         engine = Engine(store, _NoPipeline, get_notifiers=dict, public_url=lambda: "http://x",
                         heartbeat_timeouts=dict)

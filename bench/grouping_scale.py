@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from store import NewAlert, Store
+from grouping import rules
+from store import NewAlert, SqliteStore
 from store.db import row_id
 
 
@@ -52,7 +53,7 @@ def _flush(db, groups, alerts) -> None:
 
 
 async def measure(path: Path, existing_groups: int, rounds: int = 200) -> list[float]:
-    store = Store(path)
+    store = SqliteStore(path, rules=rules)
     await store.open()
     rng = random.Random(7)
     times = []
@@ -96,7 +97,7 @@ def main() -> None:
 
 
 async def _create(path: Path) -> None:
-    store = Store(path)
+    store = SqliteStore(path, rules=rules)
     await store.open()
     await store.close()
 

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon.app import Daemon, load_config  # noqa: E402
-from store import Store  # noqa: E402
+from grouping import rules  # noqa: E402
+from store import SqliteStore  # noqa: E402
 from store.db import public_id  # noqa: E402
 
 API_TOKEN = "bench-api-token"
@@ -140,7 +141,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tocsin-ui-bench-") as tmp:
         folder = Path(tmp)
         config = write_config(folder)
-        store = Store(folder / "tocsin.db")
+        store = SqliteStore(folder / "tocsin.db", rules=rules)
         await store.open()  # creates the schema
         await store.close()
         started = time.perf_counter()

@@ -26,7 +26,8 @@ from handlers.http import Ingress
 from handlers.metrics import Metrics
 from handlers.pagerduty import PagerDutyEvents
 from escalation.engine import Engine
-from store import ServeLock, Store, examine
+from grouping import rules
+from store import ServeLock, examine, is_url, open_store
 from ui import setup_ui
 
 from . import config as cfg
@@ -94,8 +95,9 @@ class Daemon:
 
     def __init__(self, config: cfg.Config):
         self.config = config
-        self.store = Store(config.daemon.database)
-        self.lock = ServeLock(config.daemon.database)
+        self.store = open_store(config.daemon.database, rules=rules)
+        # One serving process per SQLite file; on PostgreSQL any number share the database.
+        self.lock = None if is_url(config.daemon.database) else ServeLock(config.daemon.database)
         self.metrics = Metrics(version=version())
         self.limiter = Limiter()
         self.engine = Engine(
@@ -183,8 +185,9 @@ class Daemon:
 
     async def _start(self) -> None:
         c = self.config
-        examine(c.daemon.database)  # before the lock creates anything beside it
-        self.lock.acquire()
+        if self.lock is not None:
+            examine(c.daemon.database)  # before the lock creates anything beside it
+            self.lock.acquire()
         await self.store.open()
         self.pipeline = self._make_pipeline(self.config)
         self._runner = web.AppRunner(self.make_app(), access_log=None, handle_signals=False,
@@ -285,7 +288,8 @@ class Daemon:
             await self._runner.cleanup()
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
         self._stopped.set()
 
     def notify(self, state: str) -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from store import DatabaseUnusable, StoreUnavailable, examine
+from store import DatabaseUnusable, StoreUnavailable, examine_database, is_url
 
 from . import config as cfg
 from . import logs
@@ -58,15 +58,16 @@ def cmd_check(args) -> int:
         return 1
     problems = cfg.serving_problems(config)
     try:
-        version = examine(config.daemon.database)
+        version = examine_database(config.daemon.database)
     except DatabaseUnusable as exc:
         problems.append(str(exc))
     for problem in problems:
         print(problem, file=sys.stderr)
     if problems:
         return 1
-    state = "not created yet" if version is None else f"schema version {version}"
-    print(f"{config.path}: ok, {len(config.integrations)} integration(s); database {config.daemon.database}: {state}")
+    state = "not created yet" if not version else f"schema version {version}"
+    print(f"{config.path}: ok, {len(config.integrations)} integration(s); database {_shown(config.daemon.database)}:"
+          f" {state}")
     return 0
 
 
@@ -193,9 +194,10 @@ def cmd_new_integration(args) -> int:
 
 
 async def _with_store(config: cfg.Config, work):
-    from store import Store
+    from grouping import rules
+    from store import open_store
 
-    store = Store(config.daemon.database)
+    store = open_store(config.daemon.database, rules=rules)
     # As the daemon's store has it: an action here writes the lifecycle notifications the
     # config asks for, and the daemon serving this database delivers them.
     store.lifecycle_events = {n.name: frozenset(n.events) for n in config.notifiers}
@@ -214,18 +216,20 @@ def _config_or_fail(args):
 
 
 def cmd_groups(args) -> int:
-    from grouping.views import iso
+    from grouping.views import groups_json, iso
 
     config, err = _config_or_fail(args)
     if config is None:
         return err
 
     async def work(store):
-        return await store.list_groups(state=args.state, integration_id=args.integration, limit=args.limit)
+        count, groups = await store.list_groups(state=args.state, integration_id=args.integration, limit=args.limit)
+        shown = await groups_json(store, groups, public_url=config.daemon.public_url) if args.json else None
+        return count, groups, shown
 
-    count, groups = asyncio.run(_with_store(config, work))
-    if args.json:
-        print(json.dumps([{**g.__dict__, "created_at": iso(g.created_at)} for g in groups], indent=2))
+    count, groups, shown = asyncio.run(_with_store(config, work))
+    if args.json:  # the API's shape (grouping.views), as the UI's scripts get it too
+        print(json.dumps(shown, indent=2))
         return 0
     print(f"{'ID':<14} {'STATE':<13} {'INTEGRATION':<16} {'ALERTS':>6}  {'CREATED (UTC)':<20} TITLE")
     for g in groups:
@@ -296,6 +300,9 @@ def cmd_backup(args) -> int:
     if config is None:
         return err
     source_path = config.daemon.database
+    if is_url(source_path):
+        return _fail("the database is on PostgreSQL: back it up with pg_dump"
+                     " (pg_dump -Fc -f tocsin.dump <database URL>), restore with pg_restore")
     if not source_path.exists():
         return _fail(f"no database at {source_path}")
     target = Path(args.file)
@@ -318,6 +325,54 @@ def cmd_backup(args) -> int:
         tmp.unlink(missing_ok=True)
         return _fail(f"backup failed: {exc}")
     print(f"backup of {source_path} written to {target}")
+    return 0
+
+
+def _shown(database) -> str:
+    from store.postgres import redact
+
+    return redact(database) if is_url(database) else str(database)
+
+
+def cmd_migrate(args) -> int:
+    """Migrate the schema alone (serve does it too, at start); two at once migrate once."""
+    config, err = _config_or_fail(args)
+    if config is None:
+        return err
+
+    async def work(store):
+        return store.migrated_from
+
+    before = asyncio.run(_with_store(config, work))
+    from store import SCHEMA_VERSION
+    from store.postgres import SCHEMA_VERSION as PG_VERSION
+
+    now = PG_VERSION if is_url(config.daemon.database) else SCHEMA_VERSION
+    if before == now:
+        print(f"database {_shown(config.daemon.database)}: schema version {now}, up to date")
+    else:
+        print(f"database {_shown(config.daemon.database)}: migrated from schema version {before or 0} to {now}")
+    return 0
+
+
+def cmd_copy_db(args) -> int:
+    """Copy this config's SQLite database into an empty PostgreSQL database, then check the copy."""
+    from store.copy import CopyFailed, copy_database
+
+    config, err = _config_or_fail(args)
+    if config is None:
+        return err
+    if is_url(config.daemon.database):
+        return _fail("copy-db copies an SQLite database: [daemon] database is already a PostgreSQL URL")
+    if not is_url(args.to):
+        return _fail("--to must be a postgresql:// URL")
+    try:
+        counts = asyncio.run(copy_database(config.daemon.database, args.to))
+    except CopyFailed as exc:
+        return _fail(f"copy-db: {exc}")
+    print(f"copied {config.daemon.database} to {_shown(args.to)}: "
+          + ", ".join(f"{n} {table}" for table, n in counts.items()) + "; every table checked")
+    print(f'serve from it: set [daemon] database = "{_shown(args.to)}" and restart')
     return 0
 
 
@@ -409,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("file")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_backup)
+
+    with_config(sub.add_parser("migrate", help="bring the database schema up to date, then exit")).set_defaults(
+        func=cmd_migrate)
+    cp = with_config(sub.add_parser("copy-db", help="copy the SQLite database into an empty PostgreSQL one"))
+    cp.add_argument("--to", required=True, metavar="postgresql://…", help="the PostgreSQL database to fill")
+    cp.set_defaults(func=cmd_copy_db)
 
     i = with_config(sub.add_parser("import-oncall", help="append Grafana OnCall's integrations, routes and chains"))
     source = i.add_mutually_exclusive_group(required=True)

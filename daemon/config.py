@@ -29,7 +29,7 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    database: Path
+    database: Path | str  # an SQLite file, or a postgresql:// URL
     public_url: str
     render_budget: float = 1.0
     log_level: str = "INFO"
@@ -328,7 +328,10 @@ def parse(raw: dict, path: Path, known_kinds: frozenset[str] | None = None, chec
 
     d = _Reader(problems, "[daemon]", top.get("daemon", dict, {}))
     database = d.get("database", str, "var/tocsin.db")
-    db_path = Path(database) if Path(database).is_absolute() else base / database
+    if database.startswith(("postgresql://", "postgres://")):
+        db_path: Path | str = database  # the password may come from the URL, PGPASSWORD or PGPASSFILE
+    else:
+        db_path = Path(database) if Path(database).is_absolute() else base / database
     daemon = DaemonConfig(
         database=db_path,
         public_url=d.get("public_url", str, "http://127.0.0.1:8080").rstrip("/"),

@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 
 import aiohttp
 
+from store import LEASE_MARGIN, InvalidTransition, InvalidWrite
+
 from .chains import Chain, plan
 from .notifiers import MAX_ATTEMPTS, Delivery, NotifierConfig, backoff, send
 
@@ -160,10 +162,13 @@ class Engine:
             self._sending.discard(n["id"])
 
     async def _deliver_once(self, n: dict) -> None:
-        attempt = await self.store.attempt_start(n["id"])  # committed before anything is sent
+        notifier = self.get_notifiers().get(n["notifier"])
+        # Claimed and committed before anything is sent; the claim outlasts the attempt's own
+        # timeout, after which another process (or a restart) may take the attempt over.
+        lease = (notifier.timeout if notifier is not None else 0.0) + LEASE_MARGIN
+        attempt = await self.store.attempt_start(n["id"], lease=lease)
         if attempt is None:
             return
-        notifier = self.get_notifiers().get(n["notifier"])
         if notifier is None:
             await self.store.attempt_result(n["id"], attempt, False, "notifier no longer configured", None)
             self.hooks.notification_attempt(n["notifier"], "failed")
@@ -239,11 +244,20 @@ class Engine:
             integration = self.get_pipeline().by_id(iid)
             if integration is None:
                 continue
-            # The alert first, then the mark: a crash in between re-sends "expired" (it
-            # groups with the first), never loses it.
-            await self.get_pipeline().ingest(
-                integration, integration.kind.heartbeat_payload(integration.name, restored=False), source="heartbeat")
-            await self.store.heartbeat_expired(iid, seen[0])
+            # The alert first, then the mark: a crash in between tries again, never loses it.
+            # The alert carries a receipt naming this silence, and a receipt is stored once:
+            # where several processes serve the database (or a restart retries), one alert
+            # is kept and the others are refused by the database (InvalidWrite).
+            receipt = f"heartbeat-expired:{iid}:{seen[0]!r}"
+            if not await self.store.receipts_seen([receipt]):
+                try:
+                    await self.get_pipeline().ingest(
+                        integration, integration.kind.heartbeat_payload(integration.name, restored=False),
+                        source="heartbeat", receipt=receipt)
+                except InvalidWrite:
+                    pass  # another process stored it first
+            if not await self.store.heartbeat_expired(iid, seen[0]):
+                continue  # another process marked it: its log line and metric, not ours
             self.hooks.heartbeat(iid, "expired")
             log.warning("heartbeat expired", extra={"integration": iid, "silent_for": round(now - seen[0], 3),
                                                     "timeout": timeout})
@@ -261,8 +275,11 @@ class Engine:
 
     async def _maintenance(self) -> bool:
         now = time.time()
-        for iid, info in list(self.store.maintenance.items()):
+        for iid, info in (await self.store.maintenance()).items():
             if info["ends_at"] <= now:
-                await self.store.maintenance_stop(iid)
+                try:
+                    await self.store.maintenance_stop(iid)
+                except InvalidTransition:
+                    continue  # another process serving the database ended it first
                 log.info("maintenance ended", extra={"integration": iid})
         return False

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from store import Group, InvalidTransition, NotFound, StoreUnavailable
+
 from .durations import parse_duration
-from store import ALLOWED_FROM, Group, InvalidTransition, NotFound, StoreUnavailable
+from .rules import ALLOWED_FROM
 
 __all__ = ["ACTIONS", "ActionError", "UnknownAction", "InvalidTransition", "NotFound", "StoreUnavailable", "act",
            "check_action", "silence_delay",

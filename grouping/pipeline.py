@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
-from store import NewAlert, Store, StoreUnavailable
+from store import NewAlert, OverLimit, Store, StoreUnavailable
 
 from .kinds import KINDS, TEMPLATE_NAMES, Kind, count_alerts, split_alerts
 from .labels import labels_of
@@ -389,7 +389,7 @@ class Pipeline:
         if limit is None:
             return []
         taken = []
-        for alert in new:
+        for n, alert in enumerate(new):
             if alert.resolve or alert.only_if_open:
                 continue
             wait = limit.try_acquire()
@@ -397,6 +397,8 @@ class Pipeline:
                 _refund(taken)
                 raise RateLimited(limit.spec.text, Limiter.retry_after(wait))
             taken.append(limit)
+            # Counted again by the store, in the database: the limit holds over every process.
+            new[n] = replace(alert, rate_limit=(limit.spec.count, limit.spec.seconds))
         return taken
 
     def _new_alert(self, integration, body, d: Decision, source, payload_json, raw) -> NewAlert:
@@ -437,6 +439,9 @@ class Pipeline:
         except StoreUnavailable as exc:
             _refund(admitted)  # not kept, so not counted
             raise Unavailable(str(exc)) from exc
+        except OverLimit as exc:  # other processes used the window up
+            _refund(admitted)
+            raise RateLimited(admitted[0].spec.text if admitted else "", Limiter.retry_after(exc.retry_after)) from None
         # None: a follow-up with no open group to join, not stored (as PagerDuty drops it).
         return [Accepted(s.alert_id, s.alert_group_id, s.grouping_key, s.group_created, s.group_state)
                 for s in stored if s is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
+from typing import Mapping
 
 from store import Group
 
@@ -158,3 +159,23 @@ def routes_view(i: Integration, matched: str | None = None) -> list[dict]:
         out.append({"position": n, "id": r.id, "how": how, "rule": rule, "escalation": r.escalation,
                     "chain": i.chains.get(r.id), "matched": r.id == matched})
     return out
+
+
+def timeline_json(g: Group, story: dict) -> dict:
+    """A group's story (group_story) as the REST timeline shows it, times in ISO 8601."""
+    escalation = story["escalation"]
+    if escalation is not None:
+        escalation = {**escalation, "due_at": iso(escalation["due_at"])}
+    return {
+        "alert_group_id": g.id, "state": g.state, "escalation": escalation,
+        "notifications": [{**n, "created_at": iso(n["created_at"])} for n in story["notifications"]],
+        "results": [{**e, "at": iso(e["at"])} for e in story["entries"]],
+    }
+
+
+def maintenance_of(maintenance: Mapping[str, dict], g: Group) -> dict | None:
+    """The maintenance a group belongs to (its collecting group, or attached to it), if still on."""
+    for iid, info in maintenance.items():
+        if info.get("group_id") and info["group_id"] in (g.id, g.root_group_id):
+            return {"integration_id": iid, **info}
+    return None

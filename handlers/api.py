@@ -10,8 +10,8 @@ from aiohttp import web
 from grouping import lifecycle
 from grouping.lifecycle import ActionError, UnknownAction
 from grouping.pipeline import Integration, IntegrationError, Pipeline, preview_json, with_templates
-from grouping.views import (MAX_PAGE, STATES, alert_json, group_story, groups_json, integration_json, iso,
-                            parse_time)
+from grouping.views import (MAX_PAGE, STATES, alert_json, group_story, groups_json, integration_json, parse_time,
+                            timeline_json)
 from store import Group, InvalidTransition, NotFound, StoreUnavailable
 
 from .edge import json_response
@@ -77,12 +77,13 @@ class Api:
 
     # -- integrations ----------------------------------------------------------------
 
-    def integration_json(self, i: Integration) -> dict:
+    async def integration_json(self, i: Integration) -> dict:
+        maintenance = (await self.get_pipeline().store.maintenance()).get(i.id)
         return integration_json(i, public_url=self.public_url(), email_domain=self.email_domain(),
-                                maintenance=self.get_pipeline().store.maintenance.get(i.id))
+                                maintenance=maintenance)
 
     async def list_integrations(self, request: web.Request) -> web.Response:
-        items = [self.integration_json(i) for i in self.get_pipeline().integrations.values()]
+        items = [await self.integration_json(i) for i in self.get_pipeline().integrations.values()]
         return json_response(self.page(request, len(items), items, *self.paging(request)[1:], slice_=True))
 
     def _integration(self, request) -> Integration:
@@ -93,7 +94,7 @@ class Api:
         return i
 
     async def get_integration(self, request: web.Request) -> web.Response:
-        return json_response(self.integration_json(self._integration(request)))
+        return json_response(await self.integration_json(self._integration(request)))
 
     async def preview(self, request: web.Request) -> web.Response:
         """What `tocsin render` prints for the payload, with `templates` (config names) in
@@ -133,7 +134,7 @@ class Api:
                                               body.get("mode"), body.get("duration"))
         except (ActionError, InvalidTransition) as exc:
             return error(400, str(exc))
-        return json_response(self.integration_json(integration))
+        return json_response(await self.integration_json(integration))
 
     async def maintenance_stop(self, request: web.Request) -> web.Response:
         integration = self._integration(request)
@@ -141,7 +142,7 @@ class Api:
             await lifecycle.maintenance_stop(self.get_pipeline().store, integration.id)
         except InvalidTransition as exc:
             return error(400, str(exc))
-        return json_response(self.integration_json(integration))
+        return json_response(await self.integration_json(integration))
 
     # -- alert groups ----------------------------------------------------------------
 
@@ -223,15 +224,7 @@ class Api:
         g = await store.get_group(request.match_info["id"])
         if g is None:
             return error(404, "Alert group not found")
-        story = await group_story(store, g)
-        escalation = story["escalation"]
-        if escalation is not None:
-            escalation["due_at"] = iso(escalation["due_at"])
-        return json_response({
-            "alert_group_id": g.id, "state": g.state, "escalation": escalation,
-            "notifications": [{**n, "created_at": iso(n["created_at"])} for n in story["notifications"]],
-            "results": [{**e, "at": iso(e["at"])} for e in story["entries"]],
-        })
+        return json_response(timeline_json(g, await group_story(store, g)))
 
     # -- alerts ----------------------------------------------------------------------
 

@@ -293,3 +293,43 @@ async def webhook_receiver(fail_first: int = 0):
         yield rec
     finally:
         await runner.cleanup()
+# -- PostgreSQL: a throwaway database per test on a real server ------------------------------
+
+PG_URL = os.environ.get("TOCSIN_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg(sql: str) -> str | None:
+    """Run one statement on the server's maintenance database; None, or why it could not."""
+    import asyncio
+
+    import asyncpg
+
+    async def run():
+        conn = await asyncpg.connect(PG_URL, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+    try:
+        # In a thread of its own: a test's event loop may be running in this one.
+        with __import__("concurrent.futures").futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, run()).result(timeout=30)
+    except Exception as exc:  # noqa: BLE001 - any failure means: no usable server
+        return str(exc) or type(exc).__name__
+    return None
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database's URL (dropped afterwards). Skips with one line where
+    no server answers (fails under TOCSIN_CI)."""
+    import secrets
+    import urllib.parse
+
+    name = f"tocsin_test_{secrets.token_hex(6)}"
+    problem = _pg(f"CREATE DATABASE {name}")
+    shown = urllib.parse.urlsplit(PG_URL)
+    require(problem is None, f"PostgreSQL not reachable at {shown.hostname}:{shown.port or 5432} ({problem}):"
+                             " set TOCSIN_PG_URL=postgresql://user@host:port/db to run these")
+    yield urllib.parse.urlunsplit(shown._replace(path=f"/{name}"))
+    _pg(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

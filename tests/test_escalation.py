@@ -134,9 +134,10 @@ async def test_restart_during_a_wait_delivers_the_next_step_once(spawn, tmp_path
 
 async def test_interrupted_attempt_is_recorded_and_retried(tmp_path):
     """An attempt that began before a crash shows as interrupted and is retried under the same key."""
-    from store import NewAlert, Store
+    from grouping import rules
+    from store import NewAlert, SqliteStore
 
-    store = Store(tmp_path / "x.db")
+    store = SqliteStore(tmp_path / "x.db", rules=rules)
     await store.open()
     chain = Chain("c", (Step("notify", notifiers=("n",)),)).to_json()
     [stored] = await store.add_alerts([NewAlert("i", "k", "{}", escalation=chain)])
@@ -147,7 +148,7 @@ async def test_interrupted_attempt_is_recorded_and_retried(tmp_path):
     assert await store.attempt_start(due["id"]) == 1
     await store.close()  # "crash": the attempt has no outcome
 
-    store = Store(tmp_path / "x.db")
+    store = SqliteStore(tmp_path / "x.db", rules=rules)
     await store.open()
     assert await store.recover_notifications() == ["n"]
     [due_again] = await store.due_notifications(time.time() + 1)

@@ -20,7 +20,8 @@ import aiohttp
 import pytest
 
 from conftest import TOKEN, write_config
-from store import InvalidWrite, NewAlert, Store, StoredAlert, StoreUnavailable
+from grouping import rules
+from store import InvalidWrite, NewAlert, SqliteStore, StoredAlert, StoreUnavailable
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -289,7 +290,7 @@ def _alert(i: int, poisoned: bool = False) -> NewAlert:
 
 
 async def test_poisoned_write_fails_alone_in_its_batch(tmp_path):
-    store = Store(tmp_path / "t.db")
+    store = SqliteStore(tmp_path / "t.db", rules=rules)
     batches: list[int] = []
     store.on_commit = lambda size, seconds: batches.append(size)
     await store.open()
@@ -325,7 +326,7 @@ async def test_poisoned_write_fails_alone_in_its_batch(tmp_path):
 async def test_storage_trouble_still_fails_the_whole_batch(tmp_path):
     """A full database (here PRAGMA max_page_count on the writer's connection, the same
     SQLITE_FULL a full disk gives) is not blamed on one write: every one is refused, 503."""
-    store = Store(tmp_path / "t.db")
+    store = SqliteStore(tmp_path / "t.db", rules=rules)
     await store.open()
     try:
         await store.add_alerts([_alert(0)])

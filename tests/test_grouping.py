@@ -208,7 +208,8 @@ def test_row_ids_sort_like_rows():
 async def test_migrations_upgrade_an_old_database_in_place(tmp_path):
     """A database made by schema version 1 opens, migrates to the latest, keeps its rows,
     and its open group still takes the next alert."""
-    from store import NewAlert, Store
+    from grouping import rules
+    from store import NewAlert, SqliteStore
     from store.schema import MIGRATIONS
 
     path = tmp_path / "old.db"
@@ -220,7 +221,7 @@ async def test_migrations_upgrade_an_old_database_in_place(tmp_path):
                " VALUES ('IOLD', 'fw', 'k', 'new', 1, 1, 0)")
     db.commit()
     db.close()
-    store = Store(path)
+    store = SqliteStore(path, rules=rules)
     await store.open()
     try:
         [stored] = await store.add_alerts([NewAlert("fw", "k", "{}")])

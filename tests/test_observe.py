@@ -321,7 +321,7 @@ async def test_api_maintenance_takes_a_duration(tocsin):
     status, body = await tocsin.api("POST", "integrations/wh/maintenance_start/",
                                     {"mode": "debug", "duration": "1h30m"})
     assert status == 200, body
-    info = tocsin.daemon.store.maintenance["wh"]
+    info = (await tocsin.daemon.store.maintenance())["wh"]
     assert info["ends_at"] - info["started_at"] == 5400
     status, body = await tocsin.api("POST", "integrations/fw/maintenance_start/", {"mode": "debug", "duration": "ages"})
     assert status == 400 and "duration" in body["error"]

@@ -17,7 +17,8 @@ import pytest
 from conftest import API_TOKEN, ROOT, integration, write_config, webhook_receiver
 from grouping.kinds import KINDS
 from grouping.lifecycle import MAINTENANCE_MAX, SILENCE_MAX
-from store import NewAlert, Store
+from grouping import rules
+from store import NewAlert, SqliteStore
 
 KIND_SLUGS = sorted(KINDS)
 assert KIND_SLUGS, "no kinds to compare"
@@ -367,7 +368,7 @@ async def test_out_of_range_numbers_are_refused_alike(tocsin, tmp_path):
 async def test_times_stored_past_any_date_still_read(start_tocsin, tmp_path):
     """Rows written before the bounds (or by hand) never break a list or a page."""
     config = write_config(tmp_path)
-    store = Store(tmp_path / "tocsin.db")  # the schema and a group, as the daemon makes them
+    store = SqliteStore(tmp_path / "tocsin.db", rules=rules)  # the schema and a group, as the daemon makes them
     await store.open()
     [stored] = await store.add_alerts([NewAlert(integration_id="wh", grouping_key="k", payload_json="{}")])
     await store.close()

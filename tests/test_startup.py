@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 
 from conftest import API_TOKEN, ROOT, config_text, write_config
-from store import SCHEMA_VERSION, NewAlert, Store
+from grouping import rules
+from store import SCHEMA_VERSION, NewAlert, SqliteStore
 
 
 def run(*args, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -63,7 +64,7 @@ def with_database(tmp_path: Path, database: Path, **kw) -> Path:
 def make_database(path: Path) -> None:
     """A real tocsin database with a few alerts, closed cleanly."""
     async def fill():
-        store = Store(path)
+        store = SqliteStore(path, rules=rules)
         await store.open()
         for i in range(20):
             await store.add_alerts([NewAlert("wh", f"key-{i % 4}", '{"n": %d}' % i, title=f"alert {i}")])

@@ -24,11 +24,13 @@ from grouping.views import (
     group_story,
     groups_json,
     integration_json,
+    maintenance_of,
     parse_time,
     routes_view,
 )
 from handlers.http import read_form
-from store import ALLOWED_FROM, InvalidTransition, NotFound, StoreUnavailable
+from grouping.rules import ALLOWED_FROM
+from store import InvalidTransition, NotFound, StoreUnavailable
 
 from . import editor
 from .auth import (
@@ -67,7 +69,7 @@ MAINTENANCE_MODES = (("debug", "Debug (groups form, nothing escalates)"),
 MAINTENANCE_CHOICES = ((3600, "1 hour"), (10800, "3 hours"), (21600, "6 hours"), (43200, "12 hours"),
                        (86400, "24 hours"))
 MAX_LABEL_FILTERS = 10
-MIN_SEARCH = 3  # the title index matches trigrams: shorter text cannot be looked up
+MIN_SEARCH = 3  # shorter text matches nearly every title: a scan for nothing
 MAX_BULK = MAX_PAGE_SIZE
 LABELS_PER_GROUP = 8  # chips on a card; the group page shows them all
 BULK_ACTIONS = ("acknowledge", "resolve", "silence")
@@ -161,11 +163,10 @@ class Views:
     def tokens(self) -> tuple[str, ...]:
         return self.daemon.config.api_tokens
 
-    def integration_json(self, i: Integration) -> dict:
+    def integration_json(self, i: Integration, maintenance: dict | None) -> dict:
         config = self.daemon.config
         return integration_json(i, public_url=self.public_url,
-                                email_domain=config.smtp.domain if config.smtp else None,
-                                maintenance=self.daemon.current().store.maintenance.get(i.id))
+                                email_domain=config.smtp.domain if config.smtp else None, maintenance=maintenance)
 
     @web.middleware
     async def guard(self, request: web.Request, handler):
@@ -312,16 +313,17 @@ class Views:
             open_counts.setdefault(iid, {})[state] = n
         beats = await store.heartbeats()
         timeouts = {c.id: c.heartbeat_timeout for c in getattr(self.daemon.config, "integrations", ())}
+        maintenance = await store.maintenance()
         rows = []
         for i in pipeline.integrations.values():
             counts = open_counts.get(i.id, {})
             rows.append({
                 "integration": i,
-                "json": self.integration_json(i),
+                "json": self.integration_json(i, maintenance.get(i.id)),
                 "open": sum(counts.values()),
                 "open_by_state": counts,
                 "heartbeat": _heartbeat(beats.get(i.id), timeouts.get(i.id)),
-                "maintenance": store.maintenance.get(i.id),
+                "maintenance": maintenance.get(i.id),
             })
         return self.page(request, "integrations.html", title="Integrations", section="integrations", rows=rows,
                          modes=MAINTENANCE_MODES, durations=MAINTENANCE_CHOICES)
@@ -635,7 +637,7 @@ class Views:
             escalation=escalation_view(story["escalation"]), notifications=story["notifications"],
             chain=chain_view(story["escalation"]), routes=routes, matched=matched, route_now=now_route,
             group_labels=labels,
-            maintenance=_maintenance_of(pipeline.store, g),
+            maintenance=maintenance_of(await pipeline.store.maintenance(), g),
             allowed=ALLOWED_FROM, silence_choices=SILENCE_CHOICES, labels=ACTION_LABELS,
             here=f"/ui/groups/{g.id}",
             label_link=lambda k, v: self.url("/ui/groups?" + urlencode([("label", f"{k}={v}")])),
@@ -691,9 +693,10 @@ class Views:
             chain = chain_view({"chain": i.chains[r.id]}) if r.id in i.chains else None
             if chain is not None and all(c["name"] != chain["name"] for c in chains):
                 chains.append(chain)
+        maintenance = (await store.maintenance()).get(i.id)
         return self.page(request, "integration.html", title=i.name, section="integrations", integration=i,
-                         json=self.integration_json(i), routes=routes_view(i), chains=chains, recent=recent,
-                         recent_count=count, maintenance=store.maintenance.get(i.id))
+                         json=self.integration_json(i, maintenance), routes=routes_view(i), chains=chains,
+                         recent=recent, recent_count=count, maintenance=maintenance)
 
     async def demo(self, request: web.Request) -> web.Response:
         """Send the kind's example payload through the pipeline, as `tocsin demo` does (never grouped)."""
@@ -742,14 +745,6 @@ def _heartbeat(beat: tuple[float, str] | None, timeout: float | None) -> dict:
     else:
         state = "expired" if beat[1] == "expired" else "alive"
     return {"state": state, "last_seen": last_seen, "timeout": timeout}
-
-
-def _maintenance_of(store, g) -> dict | None:
-    """The maintenance a group belongs to (its collecting group, or attached to it), if still on."""
-    for iid, info in store.maintenance.items():
-        if info.get("group_id") and info["group_id"] in (g.id, getattr(g, "root_group_id", None)):
-            return {"integration_id": iid, **info}
-    return None
 
 
 def _static_version(folder: Path) -> str:
