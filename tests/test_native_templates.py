@@ -146,7 +146,8 @@ def check(slug: str, payload, tally: Tally | None = None) -> None:
                         template.native(variables)
                     except Exception:  # noqa: BLE001 - declining is the point of counting
                         tally.declined[slug, name] += 1
-        assert body == before, f"{slug}: a render changed its payload"
+        # repr, not ==: a NaN in a generated payload is never equal to itself.
+        assert repr(body) == repr(before), f"{slug}: a render changed its payload"
 
 
 # ---------------------------------------------------------------- coverage and wiring
