@@ -20,6 +20,7 @@ from store import NewAlert, OverLimit, Store, StoreUnavailable
 
 from .kinds import KINDS, TEMPLATE_NAMES, Kind, count_alerts, split_alerts
 from .limits import Limiter
+from .runtime import Settings
 from .routes import Route, choose
 from .templates import (
     Budget,
@@ -287,7 +288,9 @@ class Pipeline:
         executor: ThreadPoolExecutor | None = None,
         metrics=None,
         limiter: Limiter | None = None,
+        settings: Settings | None = None,
     ):
+        self.settings = settings or Settings()  # the rest of this config generation (grouping.runtime)
         self.metrics = metrics  # optional: .template_error(integration_id, template)
         self.limiter = limiter
         self.integrations = {i.id: i for i in integrations}
