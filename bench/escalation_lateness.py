@@ -17,10 +17,13 @@ from pathlib import Path
 from escalation.chains import Chain, Step
 from escalation.engine import Engine
 from grouping import rules
+from grouping.runtime import Settings
 from store import NewAlert, SqliteStore
 
 
 class _NoPipeline:
+    settings = Settings()  # no notifiers, no heartbeats
+
     def by_id(self, _):
         return None
 
@@ -29,8 +32,7 @@ async def run(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = SqliteStore(Path(tmp) / "lateness.db", rules=rules)
         await store.open()
-        engine = Engine(store, _NoPipeline, get_notifiers=dict, public_url=lambda: "http://x",
-                        heartbeat_timeouts=dict)
+        engine = Engine(store, _NoPipeline)
         await engine.start()
         chain = Chain("bench", (Step("wait", seconds=args.wait), Step("resolve"))).to_json()
         started = time.time()

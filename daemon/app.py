@@ -18,6 +18,7 @@ from aiohttp import web
 from grouping.kinds import KINDS
 from grouping.limits import Limiter, parse_rate
 from grouping.routes import compile_route
+from grouping.runtime import Settings
 from grouping.pipeline import Integration, IntegrationError, Pipeline, build_integration
 from grouping.templates import TemplateCompileError, compile_template
 from handlers.api import Api
@@ -81,6 +82,17 @@ def load_config(path) -> cfg.Config:
     return config
 
 
+def settings_of(config: cfg.Config) -> Settings:
+    """The running config's values the API and the engine read (one object, swapped with the pipeline)."""
+    return Settings(
+        public_url=config.daemon.public_url,
+        api_tokens=tuple(config.api_tokens),
+        email_domain=config.smtp.domain if config.smtp else None,
+        notifiers={n.name: n for n in config.notifiers},
+        heartbeat_timeouts={i.id: i.heartbeat_timeout for i in config.integrations if i.heartbeat_timeout},
+    )
+
+
 class StartupError(Exception):
     """tocsin cannot start; the text is one line for the operator."""
 
@@ -100,14 +112,7 @@ class Daemon:
         self.lock = None if is_url(config.daemon.database) else ServeLock(config.daemon.database)
         self.metrics = Metrics(version=version())
         self.limiter = Limiter()
-        self.engine = Engine(
-            self.store, self.current,
-            get_notifiers=lambda: {n.name: n for n in self.config.notifiers},
-            public_url=lambda: self.config.daemon.public_url,
-            heartbeat_timeouts=lambda: {i.id: i.heartbeat_timeout for i in self.config.integrations
-                                        if i.heartbeat_timeout},
-            hooks=self.metrics,
-        )
+        self.engine = Engine(self.store, self.current, hooks=self.metrics)
         self.store.on_commit = self.metrics.committed
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="render")
         self.pipeline: Pipeline | None = None
@@ -128,18 +133,11 @@ class Daemon:
         self.limiter.configure({i.id: _rate_spec(i.rate_limit, config.daemon.rate_limit) for i in config.integrations})
         return Pipeline(build_integrations(config), self.store,
                         render_budget=config.daemon.render_budget, executor=self.executor,
-                        metrics=self.metrics, limiter=self.limiter)
+                        metrics=self.metrics, limiter=self.limiter, settings=settings_of(config))
 
     def make_app(self) -> web.Application:
         c = self.config
-        api = Api(
-            self.current,
-            tokens=lambda: self.config.api_tokens,
-            public_url=lambda: self.config.daemon.public_url,
-            email_domain=lambda: self.config.smtp.domain if self.config.smtp else None,
-            max_body_bytes=c.http.max_body_bytes,
-            hooks=self.metrics,
-        )
+        api = Api(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics)
         app = web.Application(client_max_size=c.http.max_body_bytes, middlewares=[edge_middleware])
         ingress = Ingress(self.current, max_body_bytes=c.http.max_body_bytes, hooks=self.metrics,
                           on_heartbeat=self.engine.heartbeat_received)

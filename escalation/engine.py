@@ -15,14 +15,14 @@ import json
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import aiohttp
 
 from store import LEASE_MARGIN, InvalidTransition, InvalidWrite
 
 from .chains import Chain, plan
-from .notifiers import MAX_ATTEMPTS, Delivery, NotifierConfig, backoff, send
+from .notifiers import MAX_ATTEMPTS, Delivery, backoff, send
 
 log = logging.getLogger("tocsin.escalation")
 
@@ -65,17 +65,13 @@ def _iso(ts: float | None) -> str | None:
 
 
 class Engine:
-    """Runs as tasks inside the daemon; `get_*` callables read the current config."""
+    """Runs as tasks inside the daemon; `get_pipeline()` is the running config generation
+    (its `settings` carry the notifiers, the public URL and the heartbeat timeouts)."""
 
-    def __init__(self, store, get_pipeline: Callable[[], Any], get_notifiers: Callable[[], Mapping[str, NotifierConfig]],
-                 public_url: Callable[[], str], heartbeat_timeouts: Callable[[], Mapping[str, float]],
-                 hooks: Hooks | None = None):
+    def __init__(self, store, get_pipeline: Callable[[], Any], hooks: Hooks | None = None):
         self.store = store
         self.hooks = hooks or Hooks()
         self.get_pipeline = get_pipeline
-        self.get_notifiers = get_notifiers
-        self.public_url = public_url
-        self.heartbeat_timeouts = heartbeat_timeouts
         self._tasks: list[asyncio.Task] = []
         self._sending: set[str] = set()
         self._slots = asyncio.Semaphore(MAX_SENDING)
@@ -162,7 +158,7 @@ class Engine:
             self._sending.discard(n["id"])
 
     async def _deliver_once(self, n: dict) -> None:
-        notifier = self.get_notifiers().get(n["notifier"])
+        notifier = self.get_pipeline().settings.notifiers.get(n["notifier"])
         # Claimed and committed before anything is sent; the claim outlasts the attempt's own
         # timeout, after which another process (or a restart) may take the attempt over.
         lease = (notifier.timeout if notifier is not None else 0.0) + LEASE_MARGIN
@@ -220,7 +216,7 @@ class Engine:
                 "state": group.state, "alerts_count": group.alerts_count, "title": title, "message": message,
                 "source_link": link, "created_at": _iso(group.created_at),
                 "acknowledged_at": _iso(group.acknowledged_at), "resolved_at": _iso(group.resolved_at),
-                "silenced_at": _iso(group.silenced_at), "permalink": f"{self.public_url()}/ui/groups/{group.id}",
+                "silenced_at": _iso(group.silenced_at), "permalink": f"{pipeline.settings.public_url}/ui/groups/{group.id}",
             },
             integration={"id": group.integration_id,
                          "name": integration.name if integration else group.integration_id,
@@ -231,7 +227,7 @@ class Engine:
     # -- heartbeats --------------------------------------------------------------------
 
     async def _heartbeats(self) -> bool:
-        timeouts = self.heartbeat_timeouts()
+        timeouts = self.get_pipeline().settings.heartbeat_timeouts
         if not timeouts:
             return False
         now = time.time()

@@ -22,6 +22,7 @@ from .kinds import KINDS, TEMPLATE_NAMES, Kind, count_alerts, split_alerts
 from .labels import labels_of
 from .limits import Limiter
 from .native import with_native
+from .runtime import Settings
 from .routes import Route, choose
 from .templates import (
     Budget,
@@ -304,7 +305,9 @@ class Pipeline:
         executor: ThreadPoolExecutor | None = None,
         metrics=None,
         limiter: Limiter | None = None,
+        settings: Settings | None = None,
     ):
+        self.settings = settings or Settings()  # the rest of this config generation (grouping.runtime)
         self.metrics = metrics  # optional: .template_error(integration_id, template)
         self.limiter = limiter
         self.integrations = {i.id: i for i in integrations}

@@ -22,16 +22,12 @@ MAX_PAGE_SIZE = 200
 
 
 class Api:
-    """Handlers for /api/v1/; `settings` carries public_url, api_tokens, smtp_domain."""
+    """Handlers for /api/v1/, over the running pipeline (its `settings` carry the API tokens,
+    the public URL and the email domain of the running config)."""
 
-    def __init__(self, get_pipeline: Callable[[], Pipeline], *, tokens: Callable[[], tuple[str, ...]],
-                 public_url: Callable[[], str], email_domain: Callable[[], str | None],
-                 max_body_bytes: int = 1024 * 1024, hooks=None):
+    def __init__(self, get_pipeline: Callable[[], Pipeline], *, max_body_bytes: int = 1024 * 1024, hooks=None):
         self.get_pipeline = get_pipeline
         self.hooks = hooks  # optional: .auth_failure("api") on every 401
-        self.tokens = tokens
-        self.public_url = public_url
-        self.email_domain = email_domain
         self.max_body_bytes = max_body_bytes
 
     def routes(self) -> list[web.RouteDef]:
@@ -66,7 +62,7 @@ class Api:
         if given.lower().startswith("bearer "):
             given = given[7:]
         given = given.strip().encode()
-        if not given or not any(hmac.compare_digest(given, t.encode()) for t in self.tokens()):
+        if not given or not any(hmac.compare_digest(given, t.encode()) for t in self.get_pipeline().settings.api_tokens):
             if self.hooks is not None:
                 self.hooks.auth_failure("api")
             return error(401, "Invalid or missing API token (send 'Authorization: <token>')")
@@ -78,8 +74,10 @@ class Api:
     # -- integrations ----------------------------------------------------------------
 
     async def integration_json(self, i: Integration) -> dict:
-        maintenance = (await self.get_pipeline().store.maintenance()).get(i.id)
-        return integration_json(i, public_url=self.public_url(), email_domain=self.email_domain(),
+        pipeline = self.get_pipeline()
+        settings = pipeline.settings
+        maintenance = (await pipeline.store.maintenance()).get(i.id)
+        return integration_json(i, public_url=settings.public_url, email_domain=settings.email_domain,
                                 maintenance=maintenance)
 
     async def list_integrations(self, request: web.Request) -> web.Response:
@@ -171,7 +169,8 @@ class Api:
                 "current_page_number": page, "page_size": size, "total_pages": total_pages}
 
     async def group_json(self, groups: list[Group]) -> list[dict]:
-        return await groups_json(self.get_pipeline().store, groups, public_url=self.public_url())
+        pipeline = self.get_pipeline()
+        return await groups_json(pipeline.store, groups, public_url=pipeline.settings.public_url)
 
     async def list_groups(self, request: web.Request) -> web.Response:
         q = request.query

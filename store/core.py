@@ -415,12 +415,12 @@ class Writer:
         tx, now = batch.tx, batch.now
         for (iid, (limit, seconds)), n in wanted.items():
             await tx.execute("DELETE FROM admissions WHERE integration_id = ? AND at <= ?", (iid, now - seconds))
-            times = [r[0] for r in await tx.fetch("SELECT at FROM admissions WHERE integration_id = ? ORDER BY at",
-                                                  (iid,))]
-            if len(times) + n > limit:
-                # The window frees room as its oldest admissions age out.
-                oldest = times[len(times) + n - limit - 1] if len(times) + n - limit - 1 < len(times) else now
-                raise OverLimit(max(0.0, oldest + seconds - now))
+            (count,) = (await tx.fetch("SELECT count(*) FROM admissions WHERE integration_id = ?", (iid,)))[0]
+            if count + n > limit:
+                # Room for n once this many of the oldest admissions have aged out of the window.
+                rows = await tx.fetch("SELECT at FROM admissions WHERE integration_id = ? ORDER BY at LIMIT 1 OFFSET ?",
+                                      (iid, count + n - limit - 1))
+                raise OverLimit(max(0.0, (rows[0][0] if rows else now) + seconds - now))
         for (iid, _), n in wanted.items():
             await tx.executemany("INSERT INTO admissions (integration_id, at) VALUES (?, ?)", [(iid, now)] * n)
 

@@ -8,6 +8,10 @@ safe is the database, not timing: the (integration, key) pairs a batch places al
 are locked (transaction advisory locks, taken in one sorted order), the groups it changes
 are read FOR UPDATE, due escalation steps and notification attempts are claimed with
 FOR UPDATE SKIP LOCKED, and the unique index on open groups backs it all.
+
+asyncpg rather than psycopg 3: the writer's batch shape (bench/pg_drivers.py, 32 alerts per
+transaction) took 10.4-17.3 ms per batch on asyncpg against 15.0-22.3 ms on psycopg 3's async
+connection, on this busy 2-core machine.
 """
 from __future__ import annotations
 

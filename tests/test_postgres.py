@@ -116,3 +116,30 @@ def test_copy_db_moves_everything_and_checks_it(tmp_path, pg_url):
 def test_backup_on_postgresql_points_at_pg_dump(tmp_path, pg_url):
     done = _tocsin("backup", "-c", _config(tmp_path, pg_url), str(tmp_path / "b.db"))
     assert done.returncode == 1 and "pg_dump" in done.stderr
+
+
+async def test_a_lost_connection_refuses_the_write_then_reconnects(pg_url):
+    from store import StoreUnavailable
+
+    store = open_store(pg_url, rules=rules)
+    await store.open()
+    try:
+        first = (await store.add_alerts([NewAlert("wh", "k", "{}")]))[0]
+        # The server ends every tocsin connection (a restart, a failover, an administrator).
+        conn = await asyncpg.connect(pg_url, timeout=10)
+        try:
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                               " WHERE datname = current_database() AND pid != pg_backend_pid()")
+        finally:
+            await conn.close()
+        outcomes = []
+        for _ in range(3):  # the write on the dead connection is refused (503: the sender retries)…
+            try:
+                outcomes.append((await store.add_alerts([NewAlert("wh", "k", "{}")]))[0].alert_group_id)
+            except StoreUnavailable:
+                outcomes.append("refused")
+        assert outcomes[-1] == first.alert_group_id and outcomes.count("refused") <= 1, outcomes
+        assert await store.readiness() is None  # …and the next ones go through a new connection
+        assert (await store.get_group(first.alert_group_id)).alerts_count == 1 + outcomes.count(first.alert_group_id)
+    finally:
+        await store.close()
