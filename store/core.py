@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from .values import (GROUP_COLUMNS, GROUP_INSERT, GROUP_SELECT, GROUP_UPDATE, Group, InvalidTransition, NewAlert,
                      NotFound, OverLimit, StoredAlert, StoreUnavailable, group_of, public_id, row_id)
+
+log = logging.getLogger("tocsin.store")
 
 BATCH_MAX = 256  # bounds how long one batch's writes hold the event loop
 PARAMS_MAX = 400
@@ -175,6 +178,38 @@ class Writer:
     _expected: int
     _stalled_since: float | None
     _maintenance: tuple[float, dict[str, dict]] | None
+
+    def _report(self, problem: str | None) -> None:
+        """Log a problem once when it starts, and once when it is over."""
+        if problem == self._reported:
+            return
+        if problem is not None:
+            log.error("database unavailable, writes refused", extra={"reason": problem})
+        else:
+            log.info("database available again")
+        self._reported = problem
+
+    def _refuse(self, jobs: list[Job], reason: str) -> None:
+        """None of these writes is kept: each caller gets StoreUnavailable (503 / 451)."""
+        self._last_error = reason
+        self._report(reason)
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(StoreUnavailable(reason))
+
+    def _committed(self, jobs: list[Job], results, started: float) -> None:
+        """After a durable commit: the database is fine again, and each write gets its answer."""
+        self._stalled_since = self._last_error = None
+        self._report(None)
+        if self.on_commit is not None:
+            self.on_commit(len(jobs), time.perf_counter() - started)
+        for job, value, error in results:
+            if job.future.done():
+                continue
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(value)
 
     async def _commit(self, jobs: list[Job]) -> None:
         raise NotImplementedError

@@ -354,16 +354,6 @@ class SqliteStore(Writer, Reader):
             return f"not writable: {shm} (check owner, mode, attributes and mount)"
         return None
 
-    def _report(self, problem: str | None) -> None:
-        """Log a problem once when it starts, and once when it is over."""
-        if problem == self._reported:
-            return
-        if problem is not None:
-            log.error("database unavailable, writes refused", extra={"reason": problem})
-        else:
-            log.info("database available again")
-        self._reported = problem
-
     # -- writes (the rest are store.core's) ----------------------------------------------
 
     async def ping(self) -> None:
@@ -413,24 +403,7 @@ class SqliteStore(Writer, Reader):
         if problem is not None:  # removed between the check and the commit: into a file nobody will open again
             self._refuse(jobs, problem)
             return
-        self._stalled_since = self._last_error = None
-        self._report(None)
-        if self.on_commit is not None:
-            self.on_commit(len(jobs), time.perf_counter() - started)
-        for job, value, error in results:
-            if job.future.done():
-                continue
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(value)
-
-    def _refuse(self, jobs: list[Job], reason: str) -> None:
-        self._last_error = reason
-        self._report(reason)
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(StoreUnavailable(reason))
+        self._committed(jobs, results, started)
 
     async def _begin(self) -> None:
         """BEGIN IMMEDIATE, waiting up to lock_wait for another process's write lock while the

@@ -218,15 +218,6 @@ class PgStore(Writer, Reader):
             return f"writer stuck: a write took more than {timeout:.0f}s"
         return None
 
-    def _report(self, problem: str | None) -> None:
-        if problem == self._reported:
-            return
-        if problem is not None:
-            log.error("database unavailable, writes refused", extra={"reason": problem})
-        else:
-            log.info("database available again")
-        self._reported = problem
-
     # -- writes (the rest are store.core's) --------------------------------------------------
 
     async def ping(self) -> None:
@@ -265,17 +256,7 @@ class PgStore(Writer, Reader):
                     self._writer = None
                 self._refuse(jobs, _why(exc))
                 return
-        self._stalled_since = self._last_error = None
-        self._report(None)
-        if self.on_commit is not None:
-            self.on_commit(len(jobs), time.perf_counter() - started)
-        for job, value, error in results:
-            if job.future.done():
-                continue
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(value)
+        self._committed(jobs, results, started)
 
     async def _transaction(self, jobs: list[Job], *, one_by_one: bool):
         conn = self._writer
@@ -293,13 +274,6 @@ class PgStore(Writer, Reader):
                     log.warning("write refused, the rest of its batch kept", extra={"error": str(exc)})
                     results.append((job, None, InvalidWrite(str(exc))))
             return results
-
-    def _refuse(self, jobs: list[Job], reason: str) -> None:
-        self._last_error = reason
-        self._report(reason)
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(StoreUnavailable(reason))
 
     # -- reads -----------------------------------------------------------------------
 
