@@ -179,6 +179,20 @@ class Writer:
     _stalled_since: float | None
     _maintenance: tuple[float, dict[str, dict]] | None
 
+    async def readiness(self, timeout: float = 5.0) -> str | None:
+        """Why an alert could not be committed right now, or None: what /readyz answers. Beyond
+        the engine's `problem()`, it commits one real write (the engine's `ping()`)."""
+        problem = self.problem()
+        if problem is not None:
+            return problem
+        try:
+            await asyncio.wait_for(self.ping(), timeout)
+        except StoreUnavailable as exc:
+            return str(exc)
+        except TimeoutError:
+            return f"writer stuck: a write took more than {timeout:.0f}s"
+        return None
+
     def _report(self, problem: str | None) -> None:
         """Log a problem once when it starts, and once when it is over."""
         if problem == self._reported:

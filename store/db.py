@@ -308,20 +308,6 @@ class SqliteStore(Writer, Reader):
             return f"writer stuck: no commit for {time.monotonic() - stalled:.0f}s with writes waiting{last}"
         return self._files_problem()
 
-    async def readiness(self, timeout: float = 5.0) -> str | None:
-        """Why an alert could not be committed right now, or None: what /readyz answers.
-        Beyond `problem`, it commits one real write (a page of the database rewritten)."""
-        problem = self.problem()
-        if problem is not None:
-            return problem
-        try:
-            await asyncio.wait_for(self.ping(), timeout)
-        except StoreUnavailable as exc:
-            return str(exc)
-        except TimeoutError:
-            return f"writer stuck: a write took more than {timeout:.0f}s"
-        return None
-
     def _files_problem(self) -> str | None:
         """Are the files we opened still the ones at the path, and writable? An alert written
         to a removed file is lost at the next start, so this runs before every commit: three

@@ -205,19 +205,6 @@ class PgStore(Writer, Reader):
             return f"writer stuck: no commit for {time.monotonic() - stalled:.0f}s with writes waiting{last}"
         return None
 
-    async def readiness(self, timeout: float = 5.0) -> str | None:
-        """Why an alert could not be committed right now, or None (commits one real write)."""
-        problem = self.problem()
-        if problem is not None:
-            return problem
-        try:
-            await asyncio.wait_for(self.ping(), timeout)
-        except StoreUnavailable as exc:
-            return str(exc)
-        except TimeoutError:
-            return f"writer stuck: a write took more than {timeout:.0f}s"
-        return None
-
     # -- writes (the rest are store.core's) --------------------------------------------------
 
     async def ping(self) -> None:
