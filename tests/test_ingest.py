@@ -233,13 +233,16 @@ resolve_condition = '{{ payload.s | regex_search("(a|aa)+$") }}'"""
     hostile = {"x": list(range(400)), "s": "a" * 40 + "!"}
     slow = asyncio.create_task(h.post("slow", hostile))
     await asyncio.sleep(0.1)
-    t0 = time.monotonic()
+    waits = []
     for n in range(10):  # served while the hostile render runs in a worker thread
+        t0 = time.monotonic()
         assert (await h.post("fw", {"alert_uid": f"meanwhile-{n}"}))[0] == 200
-    fast = time.monotonic() - t0
+        waits.append(time.monotonic() - t0)
     status, res = await slow
     assert status == 200
-    assert fast < 0.9, f"other traffic waited {fast:.2f} s behind a hostile template"
+    # Issue 10's bound: no template delays another integration's 200 by more than 1 s (each
+    # request, not the ten together: those add up on a loaded machine).
+    assert max(waits) < 1.0, f"other traffic waited {max(waits):.2f} s behind a hostile template"
     g = (await h.api("GET", f"alert_groups/{res['alert_group_id']}/"))[1]
     assert g["title"].startswith("Template Error") and g["state"] == "new"
     status, res2 = await h.post("slow", hostile)
